@@ -1,0 +1,79 @@
+"""Checkpoint files: written atomically, read with weights_only=True.
+
+A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts (see
+CONTRIBUTING.md for its keys), so the safe unpickler can load it.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FORMAT = "vaeflow-checkpoint/1"
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def atomic_write(path: str | Path, write) -> None:
+    """Call write(fileobj) on a temp file beside path, fsync, then rename over path.
+
+    A reader sees either the old file or the complete new one, never a torn file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save(obj: dict[str, Any], path: str | Path) -> None:
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path}: file not found")
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # truncated, not a torch file, or unsafe content
+        raise CheckpointError(f"checkpoint {path}: cannot be read ({type(exc).__name__}: {exc})") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"checkpoint {path}: expected a dict, got {type(obj).__name__}")
+    return obj
+
+
+def load_vaeflow(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint written by the trainer, checking its format tag."""
+    obj = load(path, map_location)
+    if obj.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint {path}: not a vaeflow checkpoint (format {obj.get('format')!r}, expected {FORMAT!r})")
+    return obj
+
+
+def file_digest(path: str | Path, chunk: int = 1 << 20) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

@@ -1,0 +1,17 @@
+"""The staged trainer. `run_stage` trains one stage; `train` runs them all (library API)."""
+
+from vaeflow.train.stage import StageTrainer, prior_artifact, run_stage
+
+__all__ = ["StageTrainer", "prior_artifact", "run_stage", "train"]
+
+
+def train(train_ds, config_path, val_ds, results_dir="results") -> list[dict]:
+    """Run every configured stage on any torch Dataset, in order (seed 000's API).
+
+    Items may be tensors or (tensor, label) pairs with values in [0, 1]; images of
+    another size are resized to data.image_size. Checkpoints land under results_dir.
+    """
+    from vaeflow import config as cfg
+
+    config = cfg.load(config_path)
+    return [run_stage(config, name, results_dir, train_ds, val_ds) for name in cfg.stage_names(config)]

@@ -1,0 +1,226 @@
+"""Building blocks of the SD/LDM encoder and decoder, for 2D and 3D.
+
+Parameter names follow LDM/CompVis (`norm1`, `conv1`, `nin_shortcut`, `q`/`k`/`v`/`proj_out`,
+`downsample.conv`, ...) so original LDM checkpoints load without renaming; the diffusers
+mapping lives in `vaeflow.interop.diffusers`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def conv_nd(dims: int, *args, **kwargs) -> nn.Module:
+    if dims == 2:
+        return nn.Conv2d(*args, **kwargs)
+    if dims == 3:
+        return nn.Conv3d(*args, **kwargs)
+    raise ValueError(f"spatial_dims must be 2 or 3, got {dims}")
+
+
+def Normalize(channels: int, groups: int = 32, eps: float = 1e-6) -> nn.GroupNorm:
+    return nn.GroupNorm(num_groups=groups, num_channels=channels, eps=eps, affine=True)
+
+
+def default_norm_groups(channels: Sequence[int], max_groups: int = 32) -> int:
+    """Largest group count <= `max_groups` that divides every width in `channels`."""
+    g = 0
+    for c in channels:
+        g = math.gcd(g, int(c))
+    for cand in range(min(max_groups, g), 0, -1):
+        if g % cand == 0:
+            return cand
+    return 1
+
+
+class ResnetBlock(nn.Module):
+    """GroupNorm -> SiLU -> conv3 -> GroupNorm -> SiLU -> dropout -> conv3, plus a (1x1) shortcut."""
+
+    def __init__(self, in_channels: int, out_channels: int | None = None, *, dims: int = 2,
+                 norm_groups: int = 32, dropout: float = 0.0, eps: float = 1e-6):
+        super().__init__()
+        out_channels = in_channels if out_channels is None else out_channels
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.norm1 = Normalize(in_channels, norm_groups, eps)
+        self.conv1 = conv_nd(dims, in_channels, out_channels, 3, 1, 1)
+        self.norm2 = Normalize(out_channels, norm_groups, eps)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = conv_nd(dims, out_channels, out_channels, 3, 1, 1)
+        if in_channels != out_channels:
+            self.nin_shortcut = conv_nd(dims, in_channels, out_channels, 1, 1, 0)
+        else:
+            self.nin_shortcut = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        if self.nin_shortcut is not None:
+            x = self.nin_shortcut(x)
+        return x + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head spatial self-attention over all positions (2D or 3D).
+
+    Weights are LDM's 1x1 convolutions (`q`, `k`, `v`, `proj_out`); the forward pass runs them
+    as one fused [3C, C] matmul and uses `F.scaled_dot_product_attention`.
+    """
+
+    def __init__(self, channels: int, *, dims: int = 2, norm_groups: int = 32, eps: float = 1e-6):
+        super().__init__()
+        self.channels = channels
+        self.norm = Normalize(channels, norm_groups, eps)
+        self.q = conv_nd(dims, channels, channels, 1)
+        self.k = conv_nd(dims, channels, channels, 1)
+        self.v = conv_nd(dims, channels, channels, 1)
+        self.proj_out = conv_nd(dims, channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.channels
+        h = self.norm(x).flatten(2).transpose(1, 2)  # [B, N, C]
+        w = torch.cat([self.q.weight, self.k.weight, self.v.weight], 0).view(3 * c, c)
+        b = torch.cat([self.q.bias, self.k.bias, self.v.bias], 0)
+        q, k, v = F.linear(h, w, b).unsqueeze(1).chunk(3, dim=-1)  # [B, 1, N, C] each
+        o = F.scaled_dot_product_attention(q, k, v).squeeze(1)
+        o = F.linear(o, self.proj_out.weight.view(c, c), self.proj_out.bias)
+        return x + o.transpose(1, 2).reshape(x.shape)
+
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 conv after LDM's asymmetric zero pad (0, 1) on every spatial axis."""
+
+    def __init__(self, channels: int, *, dims: int = 2):
+        super().__init__()
+        self.dims = dims
+        self.conv = conv_nd(dims, channels, channels, 3, 2, 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.pad(x, (0, 1) * self.dims, mode="constant", value=0.0)
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour x2 followed by a 3x3 conv."""
+
+    def __init__(self, channels: int, *, dims: int = 2):
+        super().__init__()
+        self.conv = conv_nd(dims, channels, channels, 3, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+def _res_at(resolution, level: int):
+    return resolution // (2 ** level)
+
+
+class Encoder(nn.Module):
+    """LDM encoder: stem, `len(channels)` stages of `num_res_blocks` ResBlocks (+ attention where
+    the running resolution is in `attn_resolutions`) with a Downsample between stages, a
+    ResBlock-Attention-ResBlock middle, and a GroupNorm -> SiLU -> conv head."""
+
+    def __init__(self, *, in_channels: int, channels: Sequence[int], stem_channels: int,
+                 num_res_blocks: int, z_channels: int, double_z: bool = True,
+                 attn_resolutions: Sequence[int] = (), resolution: int = 256,
+                 norm_groups: int = 32, dropout: float = 0.0, mid_attn: bool = True, dims: int = 2):
+        super().__init__()
+        kw = dict(dims=dims, norm_groups=norm_groups)
+        self.num_resolutions = len(channels)
+        self.num_res_blocks = num_res_blocks
+        self.conv_in = conv_nd(dims, in_channels, stem_channels, 3, 1, 1)
+        curr_res = resolution
+        block_in = stem_channels
+        self.down = nn.ModuleList()
+        for i_level, block_out in enumerate(channels):
+            down = nn.Module()
+            down.block = nn.ModuleList()
+            down.attn = nn.ModuleList()
+            for _ in range(num_res_blocks):
+                down.block.append(ResnetBlock(block_in, block_out, dropout=dropout, **kw))
+                block_in = block_out
+                if curr_res in attn_resolutions:
+                    down.attn.append(AttnBlock(block_in, **kw))
+            if i_level != self.num_resolutions - 1:
+                down.downsample = Downsample(block_in, dims=dims)
+                curr_res = curr_res // 2
+            self.down.append(down)
+        self.mid = nn.Module()
+        self.mid.block_1 = ResnetBlock(block_in, block_in, dropout=dropout, **kw)
+        self.mid.attn_1 = AttnBlock(block_in, **kw) if mid_attn else nn.Identity()
+        self.mid.block_2 = ResnetBlock(block_in, block_in, dropout=dropout, **kw)
+        self.norm_out = Normalize(block_in, norm_groups)
+        self.conv_out = conv_nd(dims, block_in, 2 * z_channels if double_z else z_channels, 3, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(x)
+        for down in self.down:
+            for i_block, block in enumerate(down.block):
+                h = block(h)
+                if len(down.attn) > 0:
+                    h = down.attn[i_block](h)
+            if hasattr(down, "downsample"):
+                h = down.downsample(h)
+        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class Decoder(nn.Module):
+    """LDM decoder: conv_in to the deepest width, ResBlock-Attention-ResBlock middle, then the
+    stages in reverse with `num_res_blocks + 1` ResBlocks each and an Upsample between stages,
+    then GroupNorm -> SiLU -> conv (-> tanh).
+
+    `self.up[i]` is the stage at resolution level `i` (LDM order), so `self.up` runs from the
+    last entry to the first; diffusers stores the same stages as `up_blocks[n - 1 - i]`."""
+
+    def __init__(self, *, out_channels: int, channels: Sequence[int], num_res_blocks: int,
+                 z_channels: int, attn_resolutions: Sequence[int] = (), resolution: int = 256,
+                 norm_groups: int = 32, dropout: float = 0.0, mid_attn: bool = True,
+                 tanh_out: bool = False, dims: int = 2):
+        super().__init__()
+        kw = dict(dims=dims, norm_groups=norm_groups)
+        self.num_resolutions = len(channels)
+        self.num_res_blocks = num_res_blocks
+        self.tanh_out = tanh_out
+        block_in = channels[-1]
+        curr_res = resolution // 2 ** (self.num_resolutions - 1)
+        self.conv_in = conv_nd(dims, z_channels, block_in, 3, 1, 1)
+        self.mid = nn.Module()
+        self.mid.block_1 = ResnetBlock(block_in, block_in, dropout=dropout, **kw)
+        self.mid.attn_1 = AttnBlock(block_in, **kw) if mid_attn else nn.Identity()
+        self.mid.block_2 = ResnetBlock(block_in, block_in, dropout=dropout, **kw)
+        ups = []
+        for i_level in reversed(range(self.num_resolutions)):
+            block_out = channels[i_level]
+            up = nn.Module()
+            up.block = nn.ModuleList()
+            up.attn = nn.ModuleList()
+            for _ in range(num_res_blocks + 1):
+                up.block.append(ResnetBlock(block_in, block_out, dropout=dropout, **kw))
+                block_in = block_out
+                if curr_res in attn_resolutions:
+                    up.attn.append(AttnBlock(block_in, **kw))
+            if i_level != 0:
+                up.upsample = Upsample(block_in, dims=dims)
+                curr_res = curr_res * 2
+            ups.insert(0, up)
+        self.up = nn.ModuleList(ups)
+        self.norm_out = Normalize(block_in, norm_groups)
+        self.conv_out = conv_nd(dims, block_in, out_channels, 3, 1, 1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(z)
+        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
+        for i_level in reversed(range(self.num_resolutions)):
+            up = self.up[i_level]
+            for i_block, block in enumerate(up.block):
+                h = block(h)
+                if len(up.attn) > 0:
+                    h = up.attn[i_block](h)
+            if i_level != 0:
+                h = up.upsample(h)
+        h = self.conv_out(F.silu(self.norm_out(h)))
+        return torch.tanh(h) if self.tanh_out else h

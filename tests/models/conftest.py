@@ -1,0 +1,22 @@
+import os
+import warnings
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(autouse=True)
+def _quiet_scratch_warning():
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*starts from scratch.*")
+        yield
+
+
+def grads_reach_all(model, loss):
+    loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and
+               (p.grad is None or not torch.isfinite(p.grad).all())]
+    return missing

@@ -1,0 +1,23 @@
+"""vaeflow's data layer: raw sources -> prepared arrays -> ``PreparedDataset``.
+
+- :func:`prepare_dataset` converts raw data (``data:`` config section) once into
+  ``train.npy``/``val.npy``/``test.npy`` + ``manifest.json``, written atomically.
+- :class:`PreparedDataset` reads one split, memory-mapped, as float32 in [0, 1].
+- :class:`DataError` is raised for any bad input, naming the file.
+"""
+
+from .dataset import PreparedDataset
+from .errors import DataError
+from .prepare import DEFAULTS, load_manifest, prepare_dataset, resolve_data_cfg, split_records
+from .sources import SOURCES
+
+__all__ = [
+    "DEFAULTS",
+    "DataError",
+    "PreparedDataset",
+    "SOURCES",
+    "load_manifest",
+    "prepare_dataset",
+    "resolve_data_cfg",
+    "split_records",
+]

@@ -51,12 +51,14 @@ class BatchFetcher:
     def fetch(self, indices: torch.Tensor) -> torch.Tensor:
         if hasattr(self.dataset, "get_batch"):
             return self._resize(self.dataset.get_batch(indices.tolist()))
+        if hasattr(self.dataset, "__getitems__"):  # one batched read (PreparedDataset's memmap)
+            return self._resize(torch.stack([_as_image(i) for i in self.dataset.__getitems__(indices.tolist())]))
         return self._resize(torch.stack([_as_image(self.dataset[int(i)]) for i in indices]))
 
     def iterate(self, order: torch.Tensor, batch_size: int, start: int, stop: int):
         """Yield batches start..stop-1 of the given order."""
         chunks = [order[b * batch_size : (b + 1) * batch_size] for b in range(start, stop)]
-        if self.workers == 0 or hasattr(self.dataset, "get_batch"):
+        if self.workers == 0 or hasattr(self.dataset, "__getitems__"):
             for idx in chunks:
                 yield self.fetch(idx)
             return

@@ -1,0 +1,7 @@
+"""Stage entry point run by Snakemake (rules/) and DVC (dvc.yaml): `vaeflow train`."""
+
+import sys
+
+from vaeflow.cli import main
+
+sys.exit(main(["train", *sys.argv[1:]]))

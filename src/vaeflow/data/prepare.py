@@ -45,7 +45,8 @@ DEFAULTS: dict = {
     "dtype": "auto",  # auto: uint16 for ct, uint8 otherwise
     "spatial_dims": 2,
     "download": True,
-    "ct": {"format": "dicom", "hu_window": [-1000, 1000], "volume_depth": 16, "npy_values": "hu"},
+    "ct": {"format": "dicom", "hu_window": [-1000, 1000], "volume_depth": 16, "npy_values": "hu",
+           "group_by": "series"},
 }
 
 
@@ -112,6 +113,8 @@ def resolve_data_cfg(data_cfg: dict | None) -> dict:
     depth = ct["volume_depth"]
     if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
         raise DataError(f"data.ct.volume_depth must be a positive integer, got {depth!r}")
+    if ct["group_by"] not in ("series", "patient"):
+        raise DataError(f"data.ct.group_by must be series or patient, got {ct['group_by']!r}")
     if ct["npy_values"] not in ("hu", "unit"):
         raise DataError(f"data.ct.npy_values must be hu or unit, got {ct['npy_values']!r}")
     return cfg

@@ -251,8 +251,8 @@ def prepare_dataset(data_cfg: dict, out_dir: str | Path) -> dict:
             for rec, item in source.iter_items(recs):
                 if not isinstance(item, DataError) and item_shape is not None and item.shape != item_shape:
                     item = DataError(
-                        f"{rec.key}: size {_fmt_shape(item.shape)} differs from {first_key} "
-                        f"({_fmt_shape(item_shape)}); mixed sizes need data.image_size to resize them")
+                        f"{rec.key}: size {_fmt_shape(item.shape)} differs from {_fmt_shape(item_shape)} of the first "
+                        f"item, {first_key}; mixed sizes need data.image_size to resize them")
                 if isinstance(item, DataError):
                     if not cfg["skip_bad"]:
                         raise item
@@ -328,7 +328,7 @@ def _swap_in(tmp: Path, out_dir: Path) -> None:
 
 
 def _fmt_shape(shape: tuple) -> str:
-    return "x".join(str(s) for s in shape[1:]) + f" ({shape[0]} ch)"
+    return "x".join(str(s) for s in shape[1:])
 
 
 def load_manifest(root: str | Path) -> dict:

@@ -111,3 +111,9 @@ def test_dataset_pickles_without_array(digits16):
     clone = pickle.loads(pickle.dumps(ds))
     assert clone._arr is None and torch.equal(clone[0], ds[0])
     assert len(pickle.dumps(ds)) < 10_000
+
+
+def test_manifest_is_plain_json(tmp_path):
+    m = prepare_dataset({"dataset": "digits", "root": tmp_path, "limit": 20}, tmp_path / "d")
+    assert json.loads((tmp_path / "d" / "manifest.json").read_text()) == m
+    assert m["config"]["root"] == str(tmp_path)

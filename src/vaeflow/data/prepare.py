@@ -64,6 +64,8 @@ def resolve_data_cfg(data_cfg: dict | None) -> dict:
     """Fill defaults into a ``data:`` config section and check values (DataError on nonsense)."""
     cfg = _merge(DEFAULTS, dict(data_cfg or {}))
     name = cfg["dataset"]
+    if isinstance(cfg["root"], os.PathLike):
+        cfg["root"] = os.fspath(cfg["root"])
     if name not in SOURCES:
         raise DataError(f"data.dataset '{name}' is unknown; choose one of {', '.join(SOURCES)}")
     if cfg["channels"] is None:

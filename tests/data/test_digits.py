@@ -88,3 +88,32 @@ def test_bad_config_values(tmp_path):
 def test_missing_prepared_dir(tmp_path):
     with pytest.raises(DataError, match="no manifest.json"):
         PreparedDataset(tmp_path, "train")
+
+
+def test_getitems_matches_getitem(digits16):
+    out, _ = digits16
+    ds = PreparedDataset(out, "val")
+    idx = [9, 0, 4, 9, -1]
+    batch = ds.__getitems__(idx)
+    for i, x in zip(idx, batch):
+        assert torch.equal(x, ds[i])
+    with pytest.raises(IndexError):
+        ds[len(ds)]
+    assert ds.tensor().shape == (len(ds), 1, 16, 16)
+
+
+def test_dataset_pickles_without_array(digits16):
+    import pickle
+
+    out, _ = digits16
+    ds = PreparedDataset(out, "train")
+    ds[0]
+    clone = pickle.loads(pickle.dumps(ds))
+    assert clone._arr is None and torch.equal(clone[0], ds[0])
+    assert len(pickle.dumps(ds)) < 10_000
+
+
+def test_manifest_is_plain_json(tmp_path):
+    m = prepare_dataset({"dataset": "digits", "root": tmp_path, "limit": 20}, tmp_path / "d")
+    assert json.loads((tmp_path / "d" / "manifest.json").read_text()) == m
+    assert m["config"]["root"] == str(tmp_path)

@@ -89,7 +89,8 @@ class PreparedDataset(Dataset):
         return self._len
 
     def _to_float(self, raw: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.asarray(raw, dtype=np.float32)).mul_(1.0 / self.scale)
+        # one numpy pass (uint -> float32 and scale); measurably faster than torch's .float().mul_()
+        return torch.from_numpy(np.multiply(raw, np.float32(1.0 / self.scale), dtype=np.float32))
 
     def _dynamic_generator(self) -> torch.Generator:
         info = torch.utils.data.get_worker_info()
@@ -132,11 +133,11 @@ class PreparedDataset(Dataset):
         idx = [self._index(i) for i in indices]
         if not idx:
             return []
-        order = np.argsort(idx, kind="stable")
-        raw = self.array[np.asarray(idx)[order]]
-        x = torch.empty((len(idx),) + raw.shape[1:], dtype=torch.float32)
-        x[torch.from_numpy(order)] = self._to_float(raw)
-        x = self._binarize(x, idx)
+        idx_arr = np.asarray(idx)
+        order = np.argsort(idx_arr, kind="stable")
+        raw = self.array[idx_arr[order]]  # sorted reads: sequential access on the memmap
+        raw = raw[np.argsort(order, kind="stable")]  # back to the requested order
+        x = self._binarize(self._to_float(raw), idx)
         return list(x.unbind(0))
 
     def tensor(self) -> torch.Tensor:

@@ -45,7 +45,8 @@ DEFAULTS: dict = {
     "dtype": "auto",  # auto: uint16 for ct, uint8 otherwise
     "spatial_dims": 2,
     "download": True,
-    "ct": {"format": "dicom", "hu_window": [-1000, 1000], "volume_depth": 16, "npy_values": "hu"},
+    "ct": {"format": "dicom", "hu_window": [-1000, 1000], "volume_depth": 16, "npy_values": "hu",
+           "group_by": "series"},
 }
 
 
@@ -63,6 +64,8 @@ def resolve_data_cfg(data_cfg: dict | None) -> dict:
     """Fill defaults into a ``data:`` config section and check values (DataError on nonsense)."""
     cfg = _merge(DEFAULTS, dict(data_cfg or {}))
     name = cfg["dataset"]
+    if isinstance(cfg["root"], os.PathLike):
+        cfg["root"] = os.fspath(cfg["root"])
     if name not in SOURCES:
         raise DataError(f"data.dataset '{name}' is unknown; choose one of {', '.join(SOURCES)}")
     if cfg["channels"] is None:
@@ -112,6 +115,8 @@ def resolve_data_cfg(data_cfg: dict | None) -> dict:
     depth = ct["volume_depth"]
     if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
         raise DataError(f"data.ct.volume_depth must be a positive integer, got {depth!r}")
+    if ct["group_by"] not in ("series", "patient"):
+        raise DataError(f"data.ct.group_by must be series or patient, got {ct['group_by']!r}")
     if ct["npy_values"] not in ("hu", "unit"):
         raise DataError(f"data.ct.npy_values must be hu or unit, got {ct['npy_values']!r}")
     return cfg
@@ -248,8 +253,8 @@ def prepare_dataset(data_cfg: dict, out_dir: str | Path) -> dict:
             for rec, item in source.iter_items(recs):
                 if not isinstance(item, DataError) and item_shape is not None and item.shape != item_shape:
                     item = DataError(
-                        f"{rec.key}: size {_fmt_shape(item.shape)} differs from {first_key} "
-                        f"({_fmt_shape(item_shape)}); mixed sizes need data.image_size to resize them")
+                        f"{rec.key}: size {_fmt_shape(item.shape)} differs from {_fmt_shape(item_shape)} of the first "
+                        f"item, {first_key}; mixed sizes need data.image_size to resize them")
                 if isinstance(item, DataError):
                     if not cfg["skip_bad"]:
                         raise item
@@ -325,7 +330,7 @@ def _swap_in(tmp: Path, out_dir: Path) -> None:
 
 
 def _fmt_shape(shape: tuple) -> str:
-    return "x".join(str(s) for s in shape[1:]) + f" ({shape[0]} ch)"
+    return "x".join(str(s) for s in shape[1:])
 
 
 def load_manifest(root: str | Path) -> dict:

@@ -1,0 +1,13 @@
+import importlib.util
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_loader.py"
+
+
+def test_bench_loader_smoke(capsys):
+    spec = importlib.util.spec_from_file_location("bench_loader", BENCH)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    result = mod.main(["--n", "40", "--size", "16", "--batch-size", "8", "--epochs", "1"])
+    assert result["imagefolder_ips"] > 0 and result["prepared_ips"] > 0 and result["ratio"] > 0
+    assert "ratio (prepared / ImageFolder)" in capsys.readouterr().out

@@ -26,32 +26,8 @@ def _load_config(args):
     from vaeflow import config as cfg
 
     config = cfg.load(args.config)
-    _preflight(config)
+    cfg.check_code_level(config)
     return config
-
-
-def _preflight(config: dict) -> None:
-    """Checks that need the code, not just the schema: model options, LPIPS weights."""
-    import os
-    import warnings
-
-    from vaeflow.config import ConfigError, resolve_steps
-    from vaeflow.losses.perceptual import check_lpips_weights
-    from vaeflow.models import build_model
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            build_model(config["model"])
-    except (TypeError, ValueError) as exc:
-        raise ConfigError("model", str(exc)) from None
-    if os.environ.get("VAEFLOW_LPIPS_RANDOM_BACKBONE") != "1":
-        for i, step in enumerate(resolve_steps(config)):
-            if step["use_lpips"]:
-                try:
-                    check_lpips_weights(step["lpips_net"])
-                except Exception as exc:
-                    raise ConfigError(f"training.pipeline.steps[{i}].use_lpips", str(exc)) from None
 
 
 def cmd_validate(args) -> int:

@@ -190,6 +190,30 @@ def _check_semantics(config: dict, source: str | None) -> None:
         raise ConfigError("data.split", "val + test must leave a non-empty train split", source)
 
 
+def check_code_level(config: dict) -> None:
+    """Checks that need code, not just the schema: model options, LPIPS weights on disk."""
+    import os
+    import warnings
+
+    from vaeflow.losses.perceptual import check_lpips_weights
+    from vaeflow.models import build_model
+
+    try:
+        with warnings.catch_warnings():  # "starts from scratch": expected when only checking
+            warnings.simplefilter("ignore")
+            build_model(config["model"])
+    except (TypeError, ValueError) as exc:
+        raise ConfigError("model", str(exc)) from None
+    if os.environ.get("VAEFLOW_LPIPS_RANDOM_BACKBONE") == "1":
+        return
+    for i, step in enumerate(resolve_steps(config)):
+        if step["use_lpips"]:
+            try:
+                check_lpips_weights(step["lpips_net"])
+            except RuntimeError as exc:
+                raise ConfigError(f"training.pipeline.steps[{i}].use_lpips", str(exc)) from None
+
+
 def stage_metrics(step: dict) -> set[str]:
     """Names of the metrics a stage logs (and may transition on)."""
     names = set(_METRICS_ALWAYS) | {"kl_loss", "val_loss"}

@@ -57,6 +57,11 @@ def prior_artifact(config: dict, stage: str, results_dir: str | Path) -> Path | 
     return None if i == 0 else Path(results_dir) / stage_names(config)[i - 1] / "best.pt"
 
 
+def _as_channels(dataset) -> int:
+    item = dataset[0]
+    return (item[0] if isinstance(item, (tuple, list)) else item).shape[0]
+
+
 def _to_model_range(x: torch.Tensor, model: nn.Module) -> torch.Tensor:
     return x * 2 - 1 if getattr(model, "input_range", "signed") == "signed" else x
 
@@ -137,8 +142,8 @@ class StageTrainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
 
         self.spatial_dims = config["data"].get("spatial_dims", 2)
-        self.train_data = BatchFetcher(train_ds, self.tcfg["workers"], config["data"]["image_size"], self.spatial_dims)
-        self.val_data = BatchFetcher(val_ds, 0, config["data"]["image_size"], self.spatial_dims)
+        self.train_data = BatchFetcher(train_ds, self.tcfg["workers"], config["data"].get("image_size"), self.spatial_dims)
+        self.val_data = BatchFetcher(val_ds, 0, config["data"].get("image_size"), self.spatial_dims)
         if len(self.train_data) == 0 or len(self.val_data) == 0:
             raise ValueError(f"stage {stage}: the train and validation splits must not be empty")
 
@@ -153,7 +158,7 @@ class StageTrainer:
 
         self.discriminator = None
         if self.step["gan_training"]:
-            in_ch = config["model"].get("out_channels", config["data"]["channels"])
+            in_ch = _as_channels(train_ds)  # the discriminator sees images shaped like the data
             self.discriminator = build_discriminator(config["discriminator"], in_ch, self.spatial_dims).to(self.disc_device)
             if prior is not None and prior.get("discriminator") is not None:
                 self.discriminator.load_state_dict(prior["discriminator"])

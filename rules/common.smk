@@ -1,0 +1,51 @@
+# Shared helpers: config validation (before any job is scheduled), stage names,
+# inputs and outputs. Paths are relative to the working directory (the repo root).
+import json
+
+from snakemake.exceptions import WorkflowError
+from snakemake.utils import validate
+
+from vaeflow import config as vfconfig
+from vaeflow.dvcgen import DATA_FILES, stage_outputs
+from vaeflow.dvcsync import sync_mtimes
+from vaeflow.train import prior_artifact
+
+
+try:
+    VF = vfconfig.validate(config)  # one message naming the key path
+    vfconfig.check_code_level(VF)  # model options, LPIPS weights
+except (vfconfig.ConfigError, ValueError) as exc:
+    raise WorkflowError(str(exc))
+validate(config, "../config/schema.yaml")
+
+CONFIG_ARGS = " ".join(str(p) for p in workflow.configfiles)
+STAGES = vfconfig.stage_names(VF)
+SAMPLE_LABEL = VF["sampling"]["checkpoint"]
+
+# Outputs restored by `dvc pull` get DAG-ordered mtimes, so they count as current.
+sync_mtimes()
+
+
+wildcard_constraints:
+    stage="|".join(STAGES),
+
+
+def stage_params(wildcards):
+    """Everything that determines a stage's result; a change reruns it (params trigger)."""
+    return vfconfig.fingerprint(vfconfig.stage_view(VF, wildcards.stage))
+
+
+def train_inputs(wildcards):
+    inputs = {"data": DATA_FILES}
+    prior = prior_artifact(VF, wildcards.stage, "results")
+    if prior is not None:
+        inputs["prior"] = str(prior)
+    return inputs
+
+
+def all_targets():
+    out = []
+    for stage in STAGES:
+        outs = stage_outputs(stage, SAMPLE_LABEL)
+        out += outs["train"] + outs["evaluate"] + outs["sample"]
+    return out

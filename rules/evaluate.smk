@@ -1,0 +1,22 @@
+rule evaluate:
+    input:
+        best="results/{stage}/best.pt",
+        data=DATA_FILES,
+    output:
+        metrics="results/{stage}/eval/metrics.json",
+    params:
+        config=CONFIG_ARGS,
+        evaluation=json.dumps(VF["evaluation"], sort_keys=True),
+    log:
+        "results/logs/evaluate_{stage}.log",
+    benchmark:
+        "results/benchmarks/evaluate_{stage}.tsv"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    conda:
+        "../envs/vaeflow.yaml"
+    shell:
+        "python scripts/evaluate.py --config {params.config} --results results "
+        "--stage {wildcards.stage} > {log} 2>&1"

@@ -1,0 +1,21 @@
+rule prepare:
+    output:
+        manifest=DATA_FILES[0],
+        train=DATA_FILES[1],
+        val=DATA_FILES[2],
+        test=DATA_FILES[3],
+    params:
+        config=CONFIG_ARGS,
+        data=vfconfig.fingerprint(VF["data"]),
+    log:
+        "results/logs/prepare.log",
+    benchmark:
+        "results/benchmarks/prepare.tsv"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    conda:
+        "../envs/vaeflow.yaml"
+    shell:
+        "python scripts/prepare.py --config {params.config} --results results > {log} 2>&1"

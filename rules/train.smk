@@ -1,0 +1,27 @@
+# One job per entry of training.pipeline.steps; each starts from the previous stage's
+# best.pt. Resume state lives in results/{stage}/running/, which is not a declared
+# output, so a killed job's rerun (--rerun-incomplete) continues where it stopped.
+rule train:
+    input:
+        unpack(train_inputs),
+    output:
+        best="results/{stage}/best.pt",
+        last="results/{stage}/last.pt",
+        metrics="results/{stage}/metrics.jsonl",
+    params:
+        config=CONFIG_ARGS,
+        stage=stage_params,
+    log:
+        "results/logs/train_{stage}.log",
+    benchmark:
+        "results/benchmarks/train_{stage}.tsv"
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=240,
+        gpu=0,
+    conda:
+        "../envs/vaeflow.yaml"
+    shell:
+        "python scripts/train.py --config {params.config} --results results "
+        "--stage {wildcards.stage} > {log} 2>&1"

@@ -10,7 +10,6 @@ from vaeflow.dvcgen import DATA_FILES, stage_outputs
 from vaeflow.dvcsync import sync_mtimes
 from vaeflow.train import prior_artifact
 
-
 try:
     VF = vfconfig.validate(config)  # one message naming the key path
     vfconfig.check_code_level(VF)  # model options, LPIPS weights

@@ -4,19 +4,19 @@ rule evaluate:
         data=DATA_FILES,
     output:
         metrics="results/{stage}/eval/metrics.json",
-    params:
-        config=CONFIG_ARGS,
-        evaluation=json.dumps(VF["evaluation"], sort_keys=True),
     log:
         "results/logs/evaluate_{stage}.log",
     benchmark:
         "results/benchmarks/evaluate_{stage}.tsv"
+    conda:
+        "../envs/vaeflow.yaml"
     threads: 1
     resources:
         mem_mb=4000,
         runtime=30,
-    conda:
-        "../envs/vaeflow.yaml"
+    params:
+        config=CONFIG_ARGS,
+        evaluation=json.dumps(VF["evaluation"], sort_keys=True),
     shell:
         "python scripts/evaluate.py --config {params.config} --results results "
         "--stage {wildcards.stage} > {log} 2>&1"

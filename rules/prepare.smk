@@ -4,18 +4,18 @@ rule prepare:
         train=DATA_FILES[1],
         val=DATA_FILES[2],
         test=DATA_FILES[3],
-    params:
-        config=CONFIG_ARGS,
-        data=vfconfig.fingerprint(VF["data"]),
     log:
         "results/logs/prepare.log",
     benchmark:
         "results/benchmarks/prepare.tsv"
+    conda:
+        "../envs/vaeflow.yaml"
     threads: 1
     resources:
         mem_mb=4000,
         runtime=60,
-    conda:
-        "../envs/vaeflow.yaml"
+    params:
+        config=CONFIG_ARGS,
+        data=vfconfig.fingerprint(VF["data"]),
     shell:
         "python scripts/prepare.py --config {params.config} --results results > {log} 2>&1"

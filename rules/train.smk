@@ -8,20 +8,20 @@ rule train:
         best="results/{stage}/best.pt",
         last="results/{stage}/last.pt",
         metrics="results/{stage}/metrics.jsonl",
-    params:
-        config=CONFIG_ARGS,
-        stage=stage_params,
     log:
         "results/logs/train_{stage}.log",
     benchmark:
         "results/benchmarks/train_{stage}.tsv"
+    conda:
+        "../envs/vaeflow.yaml"
     threads: 2
     resources:
         mem_mb=8000,
         runtime=240,
         gpu=0,
-    conda:
-        "../envs/vaeflow.yaml"
+    params:
+        config=CONFIG_ARGS,
+        stage=stage_params,
     shell:
         "python scripts/train.py --config {params.config} --results results "
         "--stage {wildcards.stage} > {log} 2>&1"

@@ -16,6 +16,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -148,12 +149,19 @@ class StageTrainer:
             raise ValueError(f"stage {stage}: the train and validation splits must not be empty")
 
         # Models: the autoencoder starts from the prior artifact (previous stage's best.pt).
-        self.model = build_model(config["model"]).to(self.device)
+        with warnings.catch_warnings():  # its "starts from scratch" warning: we say what happens below
+            warnings.simplefilter("ignore")
+            self.model = build_model(config["model"]).to(self.device)
         self.init_path = prior_artifact(config, stage, results_dir)
         prior = None
         if self.init_path is not None:
             prior = ckpt.load_vaeflow(self.init_path)
             self.model.load_state_dict(prior["ema"] if prior.get("ema") is not None else prior["model"])
+            self.console.line(f"Stage {stage} starts from {self.init_path} (its EMA weights)")
+        elif config["model"].get("ckpt_path"):
+            self.console.line(f"Stage {stage} starts from model.ckpt_path {config['model']['ckpt_path']}")
+        else:
+            self.console.line(f"Stage {stage} starts from scratch (random initialisation)")
         self.ema = EMA(self.model, self.tcfg["ema_decay"]) if self.tcfg["ema_decay"] > 0 else None
 
         self.discriminator = None

@@ -76,35 +76,68 @@ def cmd_train(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from vaeflow.config import stage_index
-    from vaeflow.evaluate import evaluate_checkpoint, write_metrics
+    from vaeflow.evaluate import evaluate_checkpoint, summary_line, write_metrics
 
     config = _load_config(args)
     stage_index(config, args.stage)
-    label = config["evaluation"]["checkpoint"]
+    ecfg = config["evaluation"]
     metrics = evaluate_checkpoint(
-        Path(args.results) / args.stage / f"{label}.pt", Path(args.results) / "data", config["evaluation"]["batch_size"]
+        Path(args.results) / args.stage / f"{ecfg['checkpoint']}.pt", Path(args.results) / "data",
+        eval_cfg=ecfg, seed=config["seed"],
     )
     write_metrics(metrics, Path(args.results) / args.stage / "eval" / "metrics.json")
-    print(
-        f"{args.stage}: test MSE {metrics['mse']:.5f} (PSNR {metrics['psnr']:.2f} dB) vs "
-        f"PCA with {metrics['pca']['components']} components MSE {metrics['pca']['mse']:.5f} "
-        f"(PSNR {metrics['pca']['psnr']:.2f} dB): {'better' if metrics['beats_pca'] else 'WORSE'} than PCA"
-    )
+    lp = metrics["lpips"]
+    if not lp.get("available"):
+        print(f"LPIPS unavailable (recorded as such): {lp.get('reason')}")
+    print(summary_line(args.stage, metrics))
     return 0
 
 
 def cmd_sample(args) -> int:
-    from vaeflow.sample import sample_run
+    from vaeflow.sample import SAMPLING_DEFAULTS, check_square, sample_run
 
+    if args.samples is not None:
+        check_square(args.samples)  # before loading anything
     if args.config:
         config = _load_config(args)
-        samples = args.samples or config["sampling"]["samples"]
-        checkpoint = args.checkpoint or config["sampling"]["checkpoint"]
-        seed = config["seed"]
+        scfg, seed = config["sampling"], config["seed"]
     else:
-        samples, checkpoint, seed = args.samples or 64, args.checkpoint or "best", 0
-    for path in sample_run(args.checkpoints_root, args.run_name, checkpoint, samples, seed=seed):
+        scfg, seed = dict(SAMPLING_DEFAULTS), 0
+    samples = args.samples or scfg["samples"]
+    checkpoint = args.checkpoint or scfg["checkpoint"]
+    run = args.run_name
+    if run is None:
+        from vaeflow.sample import latest_run
+
+        run = latest_run(args.checkpoints_root)
+        print(f"--run-name not given: using the most recently updated run, {run}")
+    sample_run(args.checkpoints_root, run, checkpoint, samples, data_dir=args.data_dir, seed=seed,
+               sampling_cfg=scfg, log=print)
+    return 0
+
+
+def cmd_curves(args) -> int:
+    from vaeflow.report import stage_curves
+
+    for path in stage_curves(args.results, args.stage):
         print(path)
+    return 0
+
+
+def cmd_summary(args) -> int:
+    from vaeflow.config import stage_names
+    from vaeflow.evaluate import iter_stage_metrics
+    from vaeflow.report import write_summary
+
+    config = _load_config(args)
+    stages = stage_names(config)
+    metrics = iter_stage_metrics(args.results, stages)
+    missing = [s for s in stages if s not in metrics]
+    if missing:
+        raise FileNotFoundError(f"no eval/metrics.json for stage(s) {', '.join(missing)} under {args.results}: run evaluate first")
+    root = Path(args.results)
+    df = write_summary(metrics, root / "summary.csv", root / "summary.md", root / "summary.html")
+    print(df.to_string(index=False))
     return 0
 
 
@@ -169,7 +202,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--run-name", default=None, help="stage directory (default: most recently updated)")
     sp.add_argument("--checkpoint", choices=["best", "last", "both"], default=None)
     sp.add_argument("--samples", type=int, default=None, help="grid size, a perfect square")
+    sp.add_argument("--data-dir", default=None, help="prepared data (default: <checkpoints-root>/data)")
     sp.set_defaults(func=cmd_sample)
+    sp = with_config(sub.add_parser("curves", help="loss-curve PNG and CSVs of one stage from its metrics.jsonl"))
+    sp.add_argument("--stage", required=True)
+    sp.set_defaults(func=cmd_curves)
+    with_config(sub.add_parser("summary", help="results/summary.csv|md|html across stages")).set_defaults(func=cmd_summary)
     sp = with_config(sub.add_parser("dvc-yaml", help="write dvc.yaml from the config"))
     sp.add_argument("--out", default="dvc.yaml")
     sp.add_argument("--check", action="store_true", help="exit 1 if the file differs from what would be written")

@@ -186,6 +186,12 @@ def _check_semantics(config: dict, source: str | None) -> None:
                 )
     if config["sampling"]["samples"] ** 0.5 % 1:
         raise ConfigError("sampling.samples", f"must be a perfect square, got {config['sampling']['samples']}", source)
+    lo, hi = config["sampling"]["latent_range"]
+    if not lo < hi:
+        raise ConfigError("sampling.latent_range", f"must be [low, high] with low < high, got {[lo, hi]}", source)
+    d0, d1 = config["sampling"]["latent_dims"]
+    if d0 == d1:
+        raise ConfigError("sampling.latent_dims", f"needs two different dimensions, got {[d0, d1]}", source)
     if config["data"]["split"]["val"] + config["data"]["split"]["test"] >= 1:
         raise ConfigError("data.split", "val + test must leave a non-empty train split", source)
 
@@ -201,9 +207,10 @@ def check_code_level(config: dict) -> None:
     try:
         with warnings.catch_warnings():  # "starts from scratch": expected when only checking
             warnings.simplefilter("ignore")
-            build_model(config["model"])
+            model = build_model(config["model"])
     except (TypeError, ValueError) as exc:
         raise ConfigError("model", str(exc)) from None
+    _check_latent_indices(config, model)
     if os.environ.get("VAEFLOW_LPIPS_RANDOM_BACKBONE") == "1":
         return
     for i, step in enumerate(resolve_steps(config)):
@@ -212,6 +219,24 @@ def check_code_level(config: dict) -> None:
                 check_lpips_weights(step["lpips_net"])
             except RuntimeError as exc:
                 raise ConfigError(f"training.pipeline.steps[{i}].use_lpips", str(exc)) from None
+
+
+def _check_latent_indices(config: dict, model) -> None:
+    """sampling.latent_dims / traversal_dims index the flattened latent of this model."""
+    import math
+
+    n = math.prod(getattr(model, "latent_shape", ()) or (0,))
+    if not n:
+        return
+    samp = config.get("sampling") or {}
+    lists = {"latent_dims": samp.get("latent_dims") or []}
+    if isinstance(samp.get("traversal_dims"), list):
+        lists["traversal_dims"] = samp["traversal_dims"]
+    for key, dims in lists.items():
+        bad = [d for d in dims if d >= n]
+        if bad:
+            shape = "x".join(map(str, model.latent_shape))
+            raise ConfigError(f"sampling.{key}", f"{bad} out of range: the model's latent ({shape}) has {n} dimensions, indices 0..{n - 1}")
 
 
 def stage_metrics(step: dict) -> set[str]:

@@ -243,6 +243,7 @@ def evaluate_model(
         if lpips_fn is not None:
             lpips_vals.append(lpips_fn(rec.to(device), x.to(device)).cpu())
         is_kl = out.posterior is not None
+        deterministic = is_kl and bool(getattr(out.posterior, "deterministic", False))
         if is_kl:
             kl_sum += float(M.kl_std_normal(out.posterior.mean, out.posterior.logvar).sum())
             moments.add(out.posterior.mean)
@@ -293,6 +294,10 @@ def evaluate_model(
                   "over": "mean of per-batch stats (the model exposes no code indices)"}
         )
         res["nll"] = {"available": False, "reason": "VQ model: no posterior q(z|x), so no ELBO / importance-weighted NLL"}
+    elif deterministic:
+        res["model_family"] = "deterministic"
+        res["codebook"] = {"available": False, "reason": "deterministic autoencoder: no codebook"}
+        res["nll"] = {"available": False, "reason": "deterministic encoder (no posterior variance, e.g. double_z: false): no ELBO / IW-NLL"}
     else:
         res["kl_per_image"] = kl_sum / n_img
         res["codebook"] = {"available": False, "reason": "KL model: no codebook"}
@@ -308,10 +313,13 @@ def evaluate_model(
 
 def _nll_section(model, test_ds, sigma_ds, cfg, recon_type, levels, dims, gen, log) -> dict:
     k = int(cfg["iw_samples"])
+    if sigma_ds is None:  # no held-out data given (library use): say so
+        sigma_ds, where = test_ds, "the test split itself (no validation data was given)"
+    else:
+        where = f"the {getattr(sigma_ds, 'split', 'held-out')} split"
     lik = choose_likelihood(
-        model, recon_type, cfg, levels, lambda: (fit_sigma(model, sigma_ds, cfg["batch_size"], gen),
-                                                 f"fitted on the {sigma_ds.split if hasattr(sigma_ds, 'split') else 'held-out'} split "
-                                                 "(RMS error at one posterior sample)")
+        model, recon_type, cfg, levels,
+        lambda: (fit_sigma(model, sigma_ds, cfg["batch_size"], gen), f"fitted on {where} (RMS error at one posterior sample)"),
     )
     decode, kind = decode_fn(model)
     limit = cfg["nll_max_images"]

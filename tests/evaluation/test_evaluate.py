@@ -48,6 +48,23 @@ def test_fixed_sigma_and_continuous_gaussian(kl_run):
     assert m["nll"]["images"] == 10
 
 
+def test_deterministic_autoencoder_and_sigma_without_validation_data(prepared):
+    import warnings
+
+    from vaeflow.models import build_model
+
+    cfg = dict(tiny_config()["model"])
+    test = PreparedDataset(prepared / "data", "test")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        det = build_model({**cfg, "double_z": False}).eval()
+        kl = build_model(cfg).eval()
+    m = E.evaluate_model(det, test)
+    assert m["model_family"] == "deterministic" and m["nll"]["available"] is False
+    m = E.evaluate_model(kl, test, eval_cfg={"iw_samples": 2, "nll_max_images": 8})
+    assert "test split itself" in m["nll"]["likelihood"]["sigma_source"]  # stated, not hidden
+
+
 def test_bernoulli_vector_latent_model(prepared):
     torch.manual_seed(0)
     model = TinyMLPVAE().eval()

@@ -82,3 +82,14 @@ def test_cli_curves_and_summary(kl_run, tmp_path, capsys):
     stages = pd.read_csv(results / "summary.csv")["stage"].tolist()
     assert stages == [s["name"] for s in yaml.safe_load(TINY.read_text())["training"]["pipeline"]["steps"]]
     assert (results / "summary.md").exists() and (results / "summary.html").exists()
+
+
+def test_rule_outputs_match_what_the_commands_write():
+    """dvcgen.stage_outputs (used by rules/*.smk and dvc.yaml) names the files sample/curves write."""
+    from vaeflow.dvcgen import stage_outputs
+    from vaeflow.sample import output_names
+
+    for label in ("best", "last"):
+        outs = stage_outputs("s1", label)
+        assert outs["sample"] == [f"results/s1/samples/{n}" for n in output_names(label)]
+    assert stage_outputs("s1")["curves"] == list(R.curve_outputs("s1").values())

@@ -6,7 +6,7 @@ from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 from vaeflow import config as vfconfig
-from vaeflow.dvcgen import DATA_FILES, stage_outputs
+from vaeflow.dvcgen import DATA_FILES, SUMMARY_FILES, stage_outputs
 from vaeflow.dvcsync import sync_mtimes
 from vaeflow.train import prior_artifact
 
@@ -42,9 +42,20 @@ def train_inputs(wildcards):
     return inputs
 
 
+def sample_grid(name, what):
+    """A sample grid of the configured checkpoint, marked for the Snakemake report."""
+    return report(
+        f"results/{{stage}}/samples/{name}_{SAMPLE_LABEL}.png",
+        caption="../workflow/report/samples.rst",
+        category="Samples",
+        subcategory="{stage}",
+        labels={"stage": "{stage}", "grid": what},
+    )
+
+
 def all_targets():
     out = []
     for stage in STAGES:
         outs = stage_outputs(stage, SAMPLE_LABEL)
-        out += outs["train"] + outs["evaluate"] + outs["sample"]
-    return out
+        out += outs["train"] + outs["evaluate"] + outs["sample"] + outs["curves"]
+    return out + SUMMARY_FILES

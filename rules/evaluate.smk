@@ -3,7 +3,13 @@ rule evaluate:
         best="results/{stage}/best.pt",
         data=DATA_FILES,
     output:
-        metrics="results/{stage}/eval/metrics.json",
+        metrics=report(
+            "results/{stage}/eval/metrics.json",
+            caption="../workflow/report/metrics.rst",
+            category="Evaluation",
+            subcategory="{stage}",
+            labels={"stage": "{stage}", "file": "metrics.json"},
+        ),
     log:
         "results/logs/evaluate_{stage}.log",
     benchmark:
@@ -16,7 +22,7 @@ rule evaluate:
         runtime=30,
     params:
         config=CONFIG_ARGS,
-        evaluation=json.dumps(VF["evaluation"], sort_keys=True),
+        evaluation=json.dumps([VF["seed"], VF["evaluation"]], sort_keys=True),
     shell:
         "python scripts/evaluate.py --config {params.config} --results results "
         "--stage {wildcards.stage} > {log} 2>&1"

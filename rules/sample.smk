@@ -3,8 +3,12 @@ rule sample:
         best="results/{stage}/best.pt",
         data=DATA_FILES,
     output:
-        recon=f"results/{{stage}}/samples/vae_recon_grid_{SAMPLE_LABEL}.png",
-        generated=f"results/{{stage}}/samples/vae_generated_grid_{SAMPLE_LABEL}.png",
+        recon=sample_grid("vae_recon_grid", "reconstructions"),
+        generated=sample_grid("vae_generated_grid", "random samples"),
+        latent_grid=sample_grid("vae_latent_grid", "2D latent grid"),
+        traversal=sample_grid("vae_traversal", "traversals"),
+        interpolation=sample_grid("vae_interpolation", "interpolations"),
+        note=f"results/{{stage}}/samples/sampling_{SAMPLE_LABEL}.json",
     log:
         "results/logs/sample_{stage}.log",
     benchmark:

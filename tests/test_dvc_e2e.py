@@ -3,6 +3,7 @@ and Snakemake's DAG equal to DVC's."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 
@@ -48,10 +49,11 @@ def test_snakemake_and_dvc_have_the_same_dag(project):
     d_nodes, d_edges = dvc_dag(project)
     assert s_nodes == d_nodes == {
         "prepare", "train_vae_warmup", "train_vae_gan", "evaluate_vae_warmup", "evaluate_vae_gan",
-        "sample_vae_warmup", "sample_vae_gan",
+        "sample_vae_warmup", "sample_vae_gan", "curves_vae_warmup", "curves_vae_gan", "summary",
     }
     assert s_edges == d_edges
     assert ("train_vae_warmup", "train_vae_gan") in s_edges
+    assert {("train_vae_gan", "curves_vae_gan"), ("evaluate_vae_warmup", "summary"), ("evaluate_vae_gan", "summary")} <= s_edges
 
 
 def test_committed_dvc_yaml_is_current():
@@ -67,12 +69,24 @@ def test_repro_push_pull_and_snakemake_trusts_pulled_outputs(project, tmp_path):
 
     assert ran_stages(run(["dvc", "repro"], project).stdout) == set()  # second repro: nothing
 
+    # Metrics, plots and experiments are readable by DVC's own commands.
+    shown = json.loads(run(["dvc", "metrics", "show", "--json"], project).stdout)
+    flat = json.dumps(shown)
+    assert "results/vae_gan/eval/metrics.json" in flat and '"iw_nll_nats"' in flat and '"psnr"' in flat
+    run(["dvc", "plots", "show", "-o", str(tmp_path / "plots_html")], project)
+    page = (tmp_path / "plots_html" / "index.html").read_text()
+    assert "vae_gan_train" in page and "loss_curves.png" in page and "vae_traversal_best.png" in page
+    run("git add -A && git commit -qm baseline", project)
+    exp = run(["dvc", "exp", "show", "--no-pager", "--csv"], project).stdout
+    assert "neg_elbo_nats" in exp and "evaluation" in exp
+
     cfg_path = project / "config" / "config.yaml"
     cfg = yaml.safe_load(cfg_path.read_text())
     cfg["training"]["pipeline"]["steps"][1]["lambda_adv"] = 0.2
     cfg_path.write_text(yaml.safe_dump(cfg))
     run(["vaeflow", "dvc-yaml", "--config", "config/config.yaml"], project)
-    assert ran_stages(run(["dvc", "repro"], project).stdout) == {"train_vae_gan", "evaluate_vae_gan", "sample_vae_gan"}
+    assert ran_stages(run(["dvc", "repro"], project).stdout) == {
+        "train_vae_gan", "evaluate_vae_gan", "sample_vae_gan", "curves_vae_gan", "summary"}
 
     # Push to a local-directory remote, clone, pull: nothing retrains in either runner.
     remote = tmp_path / "remote"

@@ -11,23 +11,40 @@ from pathlib import Path
 
 import yaml
 
-from vaeflow.config import ConfigError, load_yaml, stage_names
+from vaeflow.config import ConfigError, load_yaml, resolve_steps, stage_names
 
 DATA_FILES = ["results/data/manifest.json", "results/data/train.npy", "results/data/val.npy", "results/data/test.npy"]
 HEADER = "# Generated from the config by `vaeflow dvc-yaml --config {cfg}`: do not edit by hand.\n"
 
 
+SUMMARY_FILES = ["results/summary.csv", "results/summary.md", "results/summary.html"]
+SAMPLE_PNGS = ["vae_recon_grid", "vae_generated_grid", "vae_latent_grid", "vae_traversal", "vae_interpolation"]
+CURVE_FILES = ["loss_curves.png", "train.csv", "val.csv"]
+
+
 def stage_outputs(stage: str, sample_label: str = "best") -> dict[str, list[str]]:
-    """Output files of each rule for one training stage (shared with rules/common.smk)."""
+    """Output files of each rule for one training stage (shared with rules/common.smk).
+    The names match vaeflow.sample.output_names and vaeflow.report.CURVE_FILES (tested)."""
     root = f"results/{stage}"
     return {
         "train": [f"{root}/best.pt", f"{root}/last.pt", f"{root}/metrics.jsonl"],
         "evaluate": [f"{root}/eval/metrics.json"],
-        "sample": [
-            f"{root}/samples/vae_recon_grid_{sample_label}.png",
-            f"{root}/samples/vae_generated_grid_{sample_label}.png",
-        ],
+        "sample": [f"{root}/samples/{name}_{sample_label}.png" for name in SAMPLE_PNGS]
+        + [f"{root}/samples/sampling_{sample_label}.json"],
+        "curves": [f"{root}/plots/{name}" for name in CURVE_FILES],
     }
+
+
+def _curve_columns(model_type: str, step: dict) -> tuple[list[str], list[str]]:
+    """Columns of train.csv / val.csv that `dvc plots show` draws for a stage."""
+    kl = model_type in ("autoencoder_kl", "cnn_vae")
+    train = ["vae_loss", *(["recon_loss"] if step.get("train_vae", True) else []), "kl_loss" if kl else "vq_loss"]
+    if step.get("gan_training"):
+        train += ["g_loss", "d_loss"]
+    if step.get("use_lpips"):
+        train.append("lpips_loss")
+    val = ["val_loss", "val_recon"] + (["val_kl"] if kl else [])
+    return train, val
 
 
 def _present(raw: dict, keys: list[str]) -> list[str]:
@@ -68,6 +85,8 @@ def render_dvc_yaml(config: dict, config_paths: list[str] | str) -> str:
     }
     label = config["sampling"]["checkpoint"]
     names = stage_names(config)
+    steps = resolve_steps(config)
+    plots: list = []
     for i, name in enumerate(names):
         outs = stage_outputs(name, label)
         deps = ["scripts/train.py", *DATA_FILES]
@@ -83,7 +102,7 @@ def render_dvc_yaml(config: dict, config_paths: list[str] | str) -> str:
         stages[f"evaluate_{name}"] = {
             "cmd": f"python scripts/evaluate.py {run} --stage {name}",
             "deps": ["scripts/evaluate.py", best, *DATA_FILES],
-            "params": [{cfg_path: _present(raw, ["evaluation"])}],
+            "params": [{cfg_path: _present(raw, ["seed", "evaluation"])}],
             "metrics": [{outs["evaluate"][0]: {"cache": False}}],
         }
         stages[f"sample_{name}"] = {
@@ -92,8 +111,25 @@ def render_dvc_yaml(config: dict, config_paths: list[str] | str) -> str:
             "params": [{cfg_path: _present(raw, ["seed", "sampling"])}],
             "outs": outs["sample"],
         }
+        stages[f"curves_{name}"] = {
+            "cmd": f"python scripts/curves.py --results results --stage {name}",
+            "deps": ["scripts/curves.py", f"results/{name}/metrics.jsonl"],
+            "outs": outs["curves"],
+        }
+        train_cols, val_cols = _curve_columns(config["model"]["type"], steps[i])
+        plots += [
+            outs["curves"][0],
+            {f"{name}_train": {"x": "global_step", "y": {outs["curves"][1]: train_cols}, "title": f"{name}: training losses"}},
+            {f"{name}_val": {"x": "global_step", "y": {outs["curves"][2]: val_cols}, "title": f"{name}: validation losses"}},
+            *[p for p in outs["sample"] if p.endswith(".png")],
+        ]
+    stages["summary"] = {
+        "cmd": f"python scripts/summary.py {run}",
+        "deps": ["scripts/summary.py", *[stage_outputs(n, label)["evaluate"][0] for n in names]],
+        "outs": list(SUMMARY_FILES),
+    }
     for st in stages.values():  # DVC rejects an empty params list
-        st["params"] = [p for p in st["params"] if next(iter(p.values()))]
+        st["params"] = [p for p in st.get("params", []) if next(iter(p.values()))]
         if not st["params"]:
             del st["params"]
-    return HEADER.format(cfg=cfg_path) + yaml.safe_dump({"stages": stages}, sort_keys=False, width=120)
+    return HEADER.format(cfg=cfg_path) + yaml.safe_dump({"stages": stages, "plots": plots}, sort_keys=False, width=120)

@@ -8,7 +8,7 @@ import pandas as pd
 import yaml
 from PIL import Image
 
-from conftest import TINY
+from .conftest import TINY
 from vaeflow import report as R
 from vaeflow.cli import main
 

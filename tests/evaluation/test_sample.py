@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import TinyMLPVAE, TinyVQ
+from .conftest import TinyMLPVAE, TinyVQ
 from vaeflow import sample as S
 from vaeflow.cli import main
 from vaeflow.models.loading import load_autoencoder

@@ -134,3 +134,24 @@ def test_original_ldm_checkpoint(tmp_path):
     again = AutoencoderKL(**{k: v for k, v in ours.config.items()}, ckpt_path=str(tmp_path / "bare.pt"))
     assert torch.equal(again.decoder.conv_out.weight, ours.decoder.conv_out.weight)
     assert config_to_diffusers(again)["block_out_channels"] == [32, 64]
+
+
+def test_train_mode_gradients_match():
+    cfg = CONFIGS["attn_levels_3"]
+    torch.manual_seed(4)
+    dm = diffusers.AutoencoderKL(**cfg)
+    _perturb_norms(dm)
+    ours = from_diffusers(dm)
+    ours.train(), dm.train()
+    x = torch.randn(2, cfg["in_channels"], 16, 16)
+    r1, _ = ours(x, sample_posterior=False)
+    r2 = dm(x, sample_posterior=False).sample
+    assert (r1 - r2).abs().max() < TOL
+    r1.square().mean().backward()
+    r2.square().mean().backward()
+    from vaeflow.interop.state_dict_adapter import ldm_to_diffusers
+    g1 = ldm_to_diffusers({n: p.grad for n, p in ours.named_parameters()})
+    g2 = {n: p.grad for n, p in dm.named_parameters()}
+    assert g1.keys() == g2.keys()
+    worst = max((g1[k] - g2[k]).abs().max().item() for k in g1)
+    assert worst < TOL

@@ -37,6 +37,14 @@ def default_norm_groups(channels: Sequence[int], max_groups: int = 32) -> int:
     return 1
 
 
+def _memory_format_of(w: torch.Tensor) -> torch.memory_format:
+    if w.ndim == 4 and not w.is_contiguous() and w.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    if w.ndim == 5 and not w.is_contiguous() and w.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
 class ResnetBlock(nn.Module):
     """GroupNorm -> SiLU -> conv3 -> GroupNorm -> SiLU -> dropout -> conv3, plus a (1x1) shortcut."""
 
@@ -59,6 +67,8 @@ class ResnetBlock(nn.Module):
         h = self.conv1(F.silu(self.norm1(x)))
         h = self.conv2(self.dropout(F.silu(self.norm2(h))))
         if self.nin_shortcut is not None:
+            if self.training:  # as diffusers (DDP stride warning); keeps NHWC for NHWC weights
+                x = x.contiguous(memory_format=_memory_format_of(self.nin_shortcut.weight))
             x = self.nin_shortcut(x)
         return x + h
 
@@ -67,7 +77,9 @@ class AttnBlock(nn.Module):
     """Single-head spatial self-attention over all positions (2D or 3D).
 
     Weights are LDM's 1x1 convolutions (`q`, `k`, `v`, `proj_out`); the forward pass runs them
-    as one fused [3C, C] matmul and uses `F.scaled_dot_product_attention`.
+    as matmuls on [B, N, C] tokens with `F.scaled_dot_product_attention`, in the same operation
+    order and memory layouts as diffusers' `Attention` + `AttnProcessor2_0`, so that the two
+    libraries round identically in fp32.
     """
 
     def __init__(self, channels: int, *, dims: int = 2, norm_groups: int = 32, eps: float = 1e-6):
@@ -79,15 +91,20 @@ class AttnBlock(nn.Module):
         self.v = conv_nd(dims, channels, channels, 1)
         self.proj_out = conv_nd(dims, channels, channels, 1)
 
+    def _linear(self, conv: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(h, conv.weight.view(self.channels, self.channels), conv.bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        c = self.channels
-        h = self.norm(x).flatten(2).transpose(1, 2)  # [B, N, C]
-        w = torch.cat([self.q.weight, self.k.weight, self.v.weight], 0).view(3 * c, c)
-        b = torch.cat([self.q.bias, self.k.bias, self.v.bias], 0)
-        q, k, v = F.linear(h, w, b).unsqueeze(1).chunk(3, dim=-1)  # [B, 1, N, C] each
-        o = F.scaled_dot_product_attention(q, k, v).squeeze(1)
-        o = F.linear(o, self.proj_out.weight.view(c, c), self.proj_out.bias)
-        return x + o.transpose(1, 2).reshape(x.shape)
+        b, c = x.shape[:2]
+        h = x.flatten(2).transpose(1, 2)  # [B, N, C]
+        h = self.norm(h.transpose(1, 2)).transpose(1, 2)
+        q = self._linear(self.q, h).view(b, -1, 1, c).transpose(1, 2)  # [B, 1, N, C]
+        k = self._linear(self.k, h).view(b, -1, 1, c).transpose(1, 2)
+        v = self._linear(self.v, h).view(b, -1, 1, c).transpose(1, 2)
+        o = F.scaled_dot_product_attention(q, k, v)
+        o = self._linear(self.proj_out, o.transpose(1, 2).reshape(b, -1, c))
+        # (attention + residual) in this order: the sum keeps the attention output's layout
+        return o.transpose(-1, -2).reshape(x.shape) + x
 
 
 class Downsample(nn.Module):

@@ -16,6 +16,12 @@ try:
 except (vfconfig.ConfigError, ValueError) as exc:
     raise WorkflowError(str(exc))
 validate(config, "../config/schema.yaml")
+# Stage commands read the config files themselves; --config overrides would not reach them.
+if vfconfig.load(workflow.configfiles) != VF:
+    raise WorkflowError(
+        "--config overrides are not passed to the stage commands (nor to DVC): "
+        "put the change in a config file and pass it with --configfile"
+    )
 
 CONFIG_ARGS = " ".join(str(p) for p in workflow.configfiles)
 STAGES = vfconfig.stage_names(VF)

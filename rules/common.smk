@@ -35,6 +35,12 @@ wildcard_constraints:
     stage="|".join(STAGES),
 
 
+def raw_data():
+    """The raw data folder (data.root), so a `dvc add`-ed dataset feeds prepare."""
+    root = VF["data"].get("root")
+    return {"raw": root} if root else {}
+
+
 def stage_params(wildcards):
     """Everything that determines a stage's result; a change reruns it (params trigger)."""
     return vfconfig.fingerprint(vfconfig.stage_view(VF, wildcards.stage))

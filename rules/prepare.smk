@@ -1,4 +1,6 @@
 rule prepare:
+    input:
+        unpack(lambda wildcards: raw_data()),
     output:
         manifest=DATA_FILES[0],
         train=DATA_FILES[1],

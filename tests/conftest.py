@@ -42,6 +42,7 @@ def make_project(dest: Path, config: Path = TINY) -> Path:
         if src.exists():
             shutil.copytree(src, dest / part, symlinks=False)  # dereference config/schema.yaml
     shutil.copy(config, dest / "config" / "config.yaml")
+    shutil.copy(REPO / ".gitignore", dest / ".gitignore")
     return dest
 
 

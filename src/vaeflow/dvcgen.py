@@ -58,10 +58,11 @@ def render_dvc_yaml(config: dict, config_paths: list[str] | str) -> str:
     training_globals = [f"training.{k}" for k in (raw.get("training") or {}) if k != "pipeline"]
     shared = ["seed", "data", "model", "discriminator", *training_globals, "training.pipeline.defaults"]
 
+    raw_root = config["data"].get("root")
     stages: dict[str, dict] = {
         "prepare": {
             "cmd": f"python scripts/prepare.py {run}",
-            "deps": ["scripts/prepare.py"],
+            "deps": ["scripts/prepare.py", *([raw_root] if raw_root else [])],
             "params": [{cfg_path: _present(raw, ["data"])}],
             "outs": list(DATA_FILES),
         }

@@ -169,7 +169,8 @@ def _check_target(out_dir: Path) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise DataError(f"prepared-data target {out_dir} exists and is not a directory")
     if out_dir.is_dir():
-        foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in PREPARED_FILES)
+        # .gitignore: DVC writes one beside the outputs it tracks
+        foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in PREPARED_FILES and p.name != ".gitignore")
         if foreign:
             raise DataError(
                 f"prepared-data target {out_dir} holds files that are not prepared data "

@@ -85,7 +85,8 @@ def render_dvc_yaml(config: dict, config_paths: list[str] | str) -> str:
             "cmd": f"python scripts/evaluate.py {run} --stage {name}",
             "deps": ["scripts/evaluate.py", best, *DATA_FILES],
             "params": [{cfg_path: _present(raw, ["evaluation"])}],
-            "metrics": [{outs["evaluate"][0]: {"cache": False}}],
+            # Cached (not git-tracked): results/ is git-ignored, and push/pull must carry them.
+            "metrics": [outs["evaluate"][0]],
         }
         stages[f"sample_{name}"] = {
             "cmd": f"python scripts/sample.py --config {cfg_path} --checkpoints-root results --run-name {name}",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import time
@@ -35,7 +36,10 @@ def train_cmd(stage: str) -> list[str]:
 
 def kill_after_checkpoint(project: Path, stage: str, min_step: int) -> None:
     """Start a stage, SIGKILL it once its resume checkpoint has passed min_step."""
-    proc = subprocess.Popen(train_cmd(stage), cwd=project, env=tool_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # Own session, so the kill reaches every process of the stage (torchrun's workers too),
+    # as a scheduler killing the job would.
+    proc = subprocess.Popen(train_cmd(stage), cwd=project, env=tool_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
     last = project / "results" / stage / "running" / "last.pt"
     deadline = time.time() + 240
     try:
@@ -53,7 +57,7 @@ def kill_after_checkpoint(project: Path, stage: str, min_step: int) -> None:
         else:
             raise AssertionError("no resume checkpoint appeared")
     finally:
-        proc.send_signal(signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     assert not (project / "results" / stage / "best.pt").exists()  # nothing published yet
 

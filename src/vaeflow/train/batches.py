@@ -56,9 +56,11 @@ class BatchFetcher:
             return self._resize(torch.stack([_as_image(i) for i in self.dataset.__getitems__(indices.tolist())]))
         return self._resize(torch.stack([_as_image(self.dataset[int(i)]) for i in indices]))
 
-    def iterate(self, order: torch.Tensor, batch_size: int, start: int, stop: int):
-        """Yield batches start..stop-1 of the given order."""
+    def iterate(self, order: torch.Tensor, batch_size: int, start: int, stop: int, shard=None):
+        """Yield batches start..stop-1 of the given order (this rank's slice of each, with `shard`)."""
         chunks = [order[b * batch_size : (b + 1) * batch_size] for b in range(start, stop)]
+        if shard is not None:
+            chunks = [shard(c) for c in chunks]
         if self.workers == 0 or hasattr(self.dataset, "__getitems__"):
             for idx in chunks:
                 yield self.fetch(idx)

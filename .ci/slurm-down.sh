@@ -10,7 +10,8 @@ log() { echo "slurm-down: $*" >&2; }
 
 stop() {  # name pidfile
     local name="$1" pidfile="$2" pid
-    if [ -s "$pidfile" ] && pid="$(cat "$pidfile")" && kill -0 "$pid" 2>/dev/null; then
+    if [ -s "$pidfile" ] && pid="$(cat "$pidfile")" && kill -0 "$pid" 2>/dev/null \
+        && grep -q "${name%d}" "/proc/$pid/comm" 2>/dev/null; then
         log "stopping $name (pid $pid)"
         kill "$pid" 2>/dev/null
         for _ in $(seq 1 40); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done

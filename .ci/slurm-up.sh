@@ -127,7 +127,7 @@ fi
 
 # SlurmctldHost must be this machine's short hostname (slurmctld refuses to
 # start otherwise); the address is pinned to 127.0.0.1.
-host="$(hostname -s 2>/dev/null || hostname)"
+host="$(hostname -s 2>/dev/null || cut -d. -f1 /proc/sys/kernel/hostname)"
 
 new_conf="$(cat <<EOF
 $MARKER
@@ -216,7 +216,12 @@ elif [ -e "$GRES_CONF" ] && grep -qF "$MARKER" "$GRES_CONF"; then
 fi
 
 # --- 4. daemons ---------------------------------------------------------------
-alive() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+# alive PIDFILE: the pid in it runs a slurm daemon (not a stale file reused by another process)
+alive() {
+    local pid
+    [ -s "$1" ] && pid="$(cat "$1")" && kill -0 "$pid" 2>/dev/null \
+        && grep -q slurm "/proc/$pid/comm" 2>/dev/null
+}
 stop() {  # stop the daemon whose pid file is $1
     if alive "$1"; then
         local pid

@@ -71,8 +71,9 @@ def vaeflow_case() -> SlurmCase:
         root=REPO,
         targets=["results/vae_gan/best.pt"],
         configfile="tests/configs/tiny.yaml",
-        slurm_rules={"train"},  # at least these went through sbatch
-        local_rules=set(),  # e.g. {"download"}: must not go through sbatch
+        # at least these went through sbatch (prepare does too, unless it becomes a localrule)
+        slurm_rules={"train"},
+        local_rules=set(),  # rules that must not go through sbatch, e.g. {"download"}
         timeout_s=1800,
     )
     missing = [p for p in ("workflow/Snakefile", case.configfile) if not (REPO / p).exists()]
@@ -402,7 +403,7 @@ def _wait_for(pred: Callable[[], object], timeout: float, what: str, run: Snakem
 
 def _running_train_job(run: SnakemakeRun, stage: str):
     """SLURM id of the running train job for `stage`, once it has written a checkpoint step."""
-    last = run.rundir / f"results/{stage}/last.pt"
+    last = run.rundir / f"results/{stage}/running/last.pt"
     subs = [s for s in _submissions(run.text()) if s["rule"] == run.case.train_rule]
     if not subs or not last.exists():
         return None

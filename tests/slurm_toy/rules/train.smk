@@ -12,14 +12,15 @@ rule train:
     input:
         train_input,
     output:
-        # only best.pt is declared: Snakemake deletes declared outputs before a
-        # retry, and last.pt must survive to be resumed from
-        "results/{stage}/best.pt",
+        best="results/{stage}/best.pt",
+        last="results/{stage}/last.pt",
     wildcard_constraints:
         stage="|".join(STAGES),
     threads: 1
     params:
-        last="results/{stage}/last.pt",
+        # resume state, like vaeflow's trainer: not a declared output, so
+        # Snakemake does not delete it before retrying a killed job
+        running="results/{stage}/running",
         steps=config["steps"],
         step_seconds=config["step_seconds"],
     # gpu, cpus_per_task, mem_mb, runtime come from the profile's set-resources

@@ -1,4 +1,4 @@
-"""Toy job for all rules: records where it ran; `train` checkpoints and resumes."""
+"""Toy job for all rules: records where it ran; `train` checkpoints into running/, resumes, publishes."""
 
 import json
 import os
@@ -28,16 +28,21 @@ def write_json(path, obj):
     os.replace(tmp, path)  # atomic, like the trainer's checkpoint save
 
 
-out = snakemake.output[0]
 if snakemake.rule != "train":
-    write_json(out, where())
+    write_json(snakemake.output[0], where())
 else:
-    last = Path(snakemake.params.last)
+    running = Path(snakemake.params.running)
+    last = running / "last.pt"
     state = json.loads(last.read_text()) if last.exists() else {"step": 0, "runs": []}
     resumed_from = state["step"]
     state["runs"].append(where() | {"resumed_from": resumed_from})
+    write_json(last, state)
     for step in range(resumed_from, snakemake.params.steps):
         time.sleep(snakemake.params.step_seconds)
         state["step"] = step + 1
         write_json(last, state)
-    write_json(out, state | {"stage": snakemake.wildcards.stage})
+    # publish only when the stage is complete, then drop the work dir
+    write_json(running / "best.pt", state | {"stage": snakemake.wildcards.stage})
+    os.replace(running / "best.pt", snakemake.output.best)
+    os.replace(last, snakemake.output.last)
+    running.rmdir()

@@ -1,3 +1,9 @@
+if PREPARE_DOWNLOADS:
+
+    localrules:
+        prepare,
+
+
 rule prepare:
     input:
         unpack(lambda wildcards: raw_data()),

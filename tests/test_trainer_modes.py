@@ -144,3 +144,14 @@ def test_validate_prints_the_pipeline_summary():
     assert "Pipeline validation passed!" in res.stdout
     assert "Total steps: 2" in res.stdout and "Step 2: vae_gan (2 epochs)" in res.stdout
     assert "Training: VAE, GAN" in res.stdout
+
+
+def test_training_refuses_data_prepared_for_another_config(tmp_path, data_dir):
+    from vaeflow.data import DataError
+
+    raw = yaml.safe_load(TINY.read_text())
+    raw["data"]["image_size"] = 12
+    config = cfg.validate(raw)
+    (tmp_path / "data").symlink_to(data_dir / "data")
+    with pytest.raises(DataError, match=r"manifest.json was prepared from another data: section \(image_size: 8 \(config wants 12\)\)"):
+        run_stage(config, "vae_warmup", tmp_path)

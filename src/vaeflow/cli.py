@@ -89,6 +89,9 @@ def cmd_evaluate(args) -> int:
 
     config = _load_config(args)
     stage_index(config, args.stage)
+    from vaeflow.data import check_prepared
+
+    check_prepared(config["data"], Path(args.results) / "data")
     label = config["evaluation"]["checkpoint"]
     metrics = evaluate_checkpoint(
         Path(args.results) / args.stage / f"{label}.pt", Path(args.results) / "data", config["evaluation"]["batch_size"]

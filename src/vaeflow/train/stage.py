@@ -695,9 +695,10 @@ def run_stage(config: dict, stage: str, results_dir="results", train_ds=None, va
 
 def _run_stage(config: dict, stage: str, results_dir, train_ds, val_ds) -> dict:
     if train_ds is None or val_ds is None:
-        from vaeflow.data import PreparedDataset
+        from vaeflow.data import PreparedDataset, check_prepared
 
         data_dir = Path(results_dir) / "data"
+        check_prepared(config["data"], data_dir)
         train_ds = train_ds or PreparedDataset(data_dir, "train", binarize=config["data"]["binarize"], seed=config["seed"])
         val_ds = val_ds or PreparedDataset(data_dir, "val", binarize="none", seed=config["seed"])
     return StageTrainer(config, stage, results_dir, train_ds, val_ds).run()

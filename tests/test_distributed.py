@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import make_project, run
+from support import make_project, run
 from test_resume import kill_after_checkpoint
 
 pytestmark = pytest.mark.slow

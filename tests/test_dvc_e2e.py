@@ -9,7 +9,7 @@ import shutil
 import pytest
 import yaml
 
-from conftest import REPO, run
+from support import REPO, run
 
 pytestmark = pytest.mark.slow
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import REPO
+from support import REPO
 from vaeflow import config as cfg
+from vaeflow.data import resolve_data_cfg
 
 CONFIGS = sorted(p.name for p in (REPO / "config").glob("*.yaml") if p.name != "schema.yaml")
 
@@ -21,3 +22,5 @@ def test_shipped_config_is_valid(name, monkeypatch):
     config = cfg.load(REPO / "config" / name)
     cfg.check_code_level(config)
     assert cfg.stage_names(config)[:2] == ["vae_warmup", "vae_gan"]
+    resolved = resolve_data_cfg(config["data"])  # the data layer accepts the section too
+    assert resolved["spatial_dims"] == (3 if name == "ct3d" else 2)

@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import run, tool_env
+from support import run, tool_env
 
 pytestmark = pytest.mark.slow
 
@@ -76,7 +76,7 @@ def assert_same_tensors(a, b, where=""):
 
 
 def test_sigkill_and_resume_is_bit_exact(tmp_path):
-    from conftest import make_project
+    from support import make_project
 
     ref = make_project(tmp_path / "ref")
     cut = make_project(tmp_path / "cut")

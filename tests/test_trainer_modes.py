@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import TINY, run
+from support import TINY, run
 from vaeflow import checkpoint as ckpt
 from vaeflow import config as cfg
 from vaeflow.data import PreparedDataset, prepare_dataset

@@ -15,7 +15,6 @@ with the same batch size, workers and shuffling, and prints images/s and the rat
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,14 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-_SRC = Path(__file__).resolve().parents[1] / "src"
-sys.path.insert(0, str(_SRC))
-import vaeflow  # noqa: E402
-
-if isinstance(vaeflow.__path__, list) and str(_SRC / "vaeflow") not in vaeflow.__path__:
-    vaeflow.__path__.insert(0, str(_SRC / "vaeflow"))  # this checkout's data layer, not an installed copy
-
-from vaeflow.data import PreparedDataset, prepare_dataset  # noqa: E402
+from vaeflow.data import PreparedDataset, prepare_dataset
 
 
 def make_images(root: Path, n: int, size: int, fmt: str, classes: int = 10) -> None:

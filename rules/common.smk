@@ -16,10 +16,18 @@ try:
 except (vfconfig.ConfigError, ValueError) as exc:
     raise WorkflowError(str(exc))
 validate(config, "../config/schema.yaml")
+# Stage commands read the config files themselves; --config overrides would not reach them.
+if vfconfig.load(workflow.configfiles) != VF:
+    raise WorkflowError(
+        "--config overrides are not passed to the stage commands (nor to DVC): "
+        "put the change in a config file and pass it with --configfile"
+    )
 
 CONFIG_ARGS = " ".join(str(p) for p in workflow.configfiles)
 STAGES = vfconfig.stage_names(VF)
 SAMPLE_LABEL = VF["sampling"]["checkpoint"]
+# prepare may download (MNIST through torchvision): keep it off compute nodes without internet.
+PREPARE_DOWNLOADS = VF["data"]["dataset"] == "mnist" and VF["data"].get("download", True)
 
 # Outputs restored by `dvc pull` get DAG-ordered mtimes, so they count as current.
 sync_mtimes()
@@ -27,6 +35,12 @@ sync_mtimes()
 
 wildcard_constraints:
     stage="|".join(STAGES),
+
+
+def raw_data():
+    """The raw data folder (data.root), so a `dvc add`-ed dataset feeds prepare."""
+    root = VF["data"].get("root")
+    return {"raw": root} if root else {}
 
 
 def stage_params(wildcards):

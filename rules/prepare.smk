@@ -1,4 +1,12 @@
+if PREPARE_DOWNLOADS:
+
+    localrules:
+        prepare,
+
+
 rule prepare:
+    input:
+        unpack(lambda wildcards: raw_data()),
     output:
         manifest=DATA_FILES[0],
         train=DATA_FILES[1],

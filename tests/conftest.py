@@ -1,48 +1,12 @@
-"""Shared fixtures: a throwaway copy of the workflow in a temp dir, and a runner."""
+"""Shared fixtures (helpers live in support.py: conftest modules of sub-folders share its name)."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-TINY = REPO / "tests" / "configs" / "tiny.yaml"
-WORKFLOW_PARTS = ["workflow", "rules", "scripts", "envs", "config", "profiles"]
-
-
-def tool_env(**extra) -> dict:
-    """Environment whose PATH finds this interpreter's python, snakemake and dvc first."""
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env.setdefault("OMP_NUM_THREADS", "1")  # tests run jobs side by side on 2 cores
-    env.update(extra)
-    return env
-
-
-def run(cmd, cwd, check=True, timeout=600, **env_extra) -> subprocess.CompletedProcess:
-    res = subprocess.run(
-        cmd, cwd=cwd, env=tool_env(**env_extra), capture_output=True, text=True, timeout=timeout,
-        shell=isinstance(cmd, str),
-    )
-    if check and res.returncode != 0:
-        raise AssertionError(f"{cmd} failed ({res.returncode}):\nSTDOUT:\n{res.stdout[-4000:]}\nSTDERR:\n{res.stderr[-4000:]}")
-    return res
-
-
-def make_project(dest: Path, config: Path = TINY) -> Path:
-    """Copy the workflow files (not results) into dest, with `config` as config/config.yaml."""
-    dest.mkdir(parents=True, exist_ok=True)
-    for part in WORKFLOW_PARTS:
-        src = REPO / part
-        if src.exists():
-            shutil.copytree(src, dest / part, symlinks=False)  # dereference config/schema.yaml
-    shutil.copy(config, dest / "config" / "config.yaml")
-    return dest
+from support import make_project
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import copy
 import pytest
 import yaml
 
-from conftest import TINY, run
+from support import TINY, run
 from vaeflow import config as cfg
 
 

@@ -10,7 +10,7 @@ import shutil
 import pytest
 import yaml
 
-from conftest import REPO, run
+from support import REPO, run
 
 pytestmark = pytest.mark.slow
 
@@ -26,14 +26,21 @@ def git_dvc_repo(project):
 
 
 def snakemake_dag(project) -> tuple[set[str], set[tuple[str, str]]]:
-    dot = run(["snakemake", "--dag", "--cores", "1", "--forceall"], project).stdout
-    names = {}
-    for node, label in re.findall(r'(\d+)\[label = "([^"]+)"', dot):
-        rule, _, wild = label.partition("\\n")
-        names[node] = rule if not wild else f"{rule}_{wild.split(': ', 1)[1]}"
-    edges = {(names[a], names[b]) for a, b in re.findall(r"(\d+) -> (\d+)", dot)}
-    keep = lambda n: n != "all"
-    return {n for n in names.values() if keep(n)}, {(a, b) for a, b in edges if keep(a) and keep(b)}
+    """Jobs and edges from a forced dry run: job i -> j when j consumes a file i produces."""
+    plan = run(["snakemake", "-n", "--forceall", "--cores", "1"], project).stdout
+    jobs = []
+    for block in re.split(r"\n(?=(?:local)?rule \w+:)", plan):
+        head = re.match(r"(?:local)?rule (\w+):", block)
+        if not head or head.group(1) == "all":
+            continue
+        field = lambda key: (re.search(rf"^\s+{key}: (.*)$", block, re.M) or [None, ""])[1]
+        wild = field("wildcards")
+        name = head.group(1) + (f"_{wild.split('=', 1)[1]}" if wild else "")
+        split = lambda v: {f.strip() for f in v.split(",") if f.strip()}
+        jobs.append((name, split(field("input")), split(field("output"))))
+    producer = {out: name for name, _, outs in jobs for out in outs}
+    edges = {(producer[i], name) for name, ins, _ in jobs for i in ins if i in producer}
+    return {name for name, _, _ in jobs}, edges
 
 
 def dvc_dag(project) -> tuple[set[str], set[tuple[str, str]]]:
@@ -108,3 +115,44 @@ def test_repro_push_pull_and_snakemake_trusts_pulled_outputs(project, tmp_path):
     shutil.copy(clone / "results" / "data" / "val.npy", clone / "results" / "data" / "train.npy")
     plan = run(["snakemake", "-n", "--cores", "1", "results/vae_gan/best.pt"], clone).stdout
     assert "rule prepare" not in plan and "stage=vae_warmup" in plan
+
+
+def test_dvc_added_raw_images_feed_prepare_and_travel_through_a_remote(project, tmp_path):
+    """Raw data tracked with `dvc add data/raw/<name>` is a dependency of prepare."""
+    from PIL import Image
+    import numpy as np
+
+    raw = project / "data" / "raw" / "shapes"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(raw / f"{i:02d}.png")
+    cfg_path = project / "config" / "config.yaml"
+    cfg = yaml.safe_load(cfg_path.read_text())
+    cfg["data"] = {"dataset": "image_dir", "root": "data/raw/shapes", "image_size": 8, "channels": 1}
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    git_dvc_repo(project)
+    run(["dvc", "add", "data/raw/shapes"], project)
+    assert "data/raw/shapes" in (project / "dvc.yaml").read_text()  # prepare depends on it
+    assert ran_stages(run(["dvc", "repro", "prepare"], project).stdout) == {"prepare"}
+    manifest = (project / "results" / "data" / "manifest.json").read_text()
+    assert '"image_dir"' in manifest
+
+    # A changed raw dataset reruns prepare, in both runners.
+    Image.fromarray(np.zeros((12, 12, 3), dtype=np.uint8)).save(raw / "new.png")
+    assert "prepare" in run(["dvc", "status", "prepare"], project).stdout
+    plan = run(["snakemake", "-n", "--cores", "1", "results/data/manifest.json"], project).stdout
+    assert "rule prepare" in plan
+    run(["dvc", "add", "data/raw/shapes"], project)
+    run(["dvc", "repro", "prepare"], project)
+
+    remote = tmp_path / "remote"
+    run(["dvc", "remote", "add", "-d", "local", str(remote)], project)
+    run(["dvc", "push"], project)
+    run("git add -A && git commit -qm data", project)
+    clone = tmp_path / "clone"
+    run(["git", "clone", "-q", str(project), str(clone)], tmp_path)
+    run(["dvc", "pull", "data/raw/shapes.dvc", "prepare"], clone)
+    assert len(list((clone / "data" / "raw" / "shapes").glob("*.png"))) == 41
+    assert (clone / "results" / "data" / "train.npy").exists()
+    assert "prepare" not in run(["dvc", "status", "prepare"], clone).stdout

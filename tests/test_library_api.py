@@ -6,7 +6,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 import vaeflow
-from conftest import TINY
+from support import TINY
 
 
 def test_train_on_a_tensor_dataset_with_labels_and_other_size(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import time
@@ -11,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import run, tool_env
+from support import run, tool_env
 
 pytestmark = pytest.mark.slow
 
@@ -35,7 +36,10 @@ def train_cmd(stage: str) -> list[str]:
 
 def kill_after_checkpoint(project: Path, stage: str, min_step: int) -> None:
     """Start a stage, SIGKILL it once its resume checkpoint has passed min_step."""
-    proc = subprocess.Popen(train_cmd(stage), cwd=project, env=tool_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # Own session, so the kill reaches every process of the stage (torchrun's workers too),
+    # as a scheduler killing the job would.
+    proc = subprocess.Popen(train_cmd(stage), cwd=project, env=tool_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
     last = project / "results" / stage / "running" / "last.pt"
     deadline = time.time() + 240
     try:
@@ -53,7 +57,7 @@ def kill_after_checkpoint(project: Path, stage: str, min_step: int) -> None:
         else:
             raise AssertionError("no resume checkpoint appeared")
     finally:
-        proc.send_signal(signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     assert not (project / "results" / stage / "best.pt").exists()  # nothing published yet
 
@@ -72,7 +76,7 @@ def assert_same_tensors(a, b, where=""):
 
 
 def test_sigkill_and_resume_is_bit_exact(tmp_path):
-    from conftest import make_project
+    from support import make_project
 
     ref = make_project(tmp_path / "ref")
     cut = make_project(tmp_path / "cut")

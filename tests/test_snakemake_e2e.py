@@ -8,7 +8,7 @@ import re
 import pytest
 import yaml
 
-from conftest import REPO, run
+from support import REPO, run
 
 pytestmark = pytest.mark.slow
 

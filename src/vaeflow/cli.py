@@ -67,9 +67,18 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_train(args) -> int:
+    import os
+
     from vaeflow.train import run_stage
 
     config = _load_config(args)
+    nproc = config["training"]["distributed"]["nproc_per_node"]
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        # Relaunch this very command under torchrun: one process per device.
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "vaeflow.cli", "train", "--config", *args.config, "--results", args.results, "--stage", args.stage]
+        sys.stdout.flush()
+        os.execv(sys.executable, cmd)
     run_stage(config, args.stage, args.results)
     return 0
 
@@ -80,6 +89,9 @@ def cmd_evaluate(args) -> int:
 
     config = _load_config(args)
     stage_index(config, args.stage)
+    from vaeflow.data import check_prepared
+
+    check_prepared(config["data"], Path(args.results) / "data")
     ecfg = config["evaluation"]
     metrics = evaluate_checkpoint(
         Path(args.results) / args.stage / f"{ecfg['checkpoint']}.pt", Path(args.results) / "data",

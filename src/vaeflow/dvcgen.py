@@ -75,10 +75,11 @@ def render_dvc_yaml(config: dict, config_paths: list[str] | str) -> str:
     training_globals = [f"training.{k}" for k in (raw.get("training") or {}) if k != "pipeline"]
     shared = ["seed", "data", "model", "discriminator", *training_globals, "training.pipeline.defaults"]
 
+    raw_root = config["data"].get("root")
     stages: dict[str, dict] = {
         "prepare": {
             "cmd": f"python scripts/prepare.py {run}",
-            "deps": ["scripts/prepare.py"],
+            "deps": ["scripts/prepare.py", *([raw_root] if raw_root else [])],
             "params": [{cfg_path: _present(raw, ["data"])}],
             "outs": list(DATA_FILES),
         }
@@ -103,7 +104,8 @@ def render_dvc_yaml(config: dict, config_paths: list[str] | str) -> str:
             "cmd": f"python scripts/evaluate.py {run} --stage {name}",
             "deps": ["scripts/evaluate.py", best, *DATA_FILES],
             "params": [{cfg_path: _present(raw, ["seed", "evaluation"])}],
-            "metrics": [{outs["evaluate"][0]: {"cache": False}}],
+            # Cached (not git-tracked): results/ is git-ignored, and push/pull must carry them.
+            "metrics": [outs["evaluate"][0]],
         }
         stages[f"sample_{name}"] = {
             "cmd": f"python scripts/sample.py --config {cfg_path} --checkpoints-root results --run-name {name}",

@@ -1,35 +1,36 @@
 """Make Snakemake trust outputs that `dvc pull` / `dvc checkout` restored.
 
 DVC does not keep modification times, so after a pull an output can look older than
-its inputs and Snakemake would rerun it. For each stage in dvc.lock whose file deps
-and outs all match the hashes DVC recorded, this sets the outs' mtimes after their
-deps', in DAG order. Files that do not match the lock are left alone, so a real
-change still triggers a rerun. Cheap when nothing is out of order: hashes are only
-computed for stages whose mtimes are inverted.
+its inputs and Snakemake would rerun it. For each stage in dvc.lock whose outputs look
+older than its deps, we ask DVC (`dvc status`) whether the stage's deps, params and
+outs still match dvc.lock; only for those it vouches for are the outs' mtimes set after
+their deps', in DAG order. A real change still triggers a rerun. Cheap when nothing is
+out of order: DVC is only asked when some stage's mtimes are inverted.
 """
 
 from __future__ import annotations
 
-import hashlib
+import json
 import os
+import subprocess
 from pathlib import Path
 
 import yaml
 
 
-def _md5(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _matches(root: Path, entry: dict) -> bool:
-    path = root / entry["path"]
-    if "md5" not in entry or str(entry["md5"]).endswith(".dir"):
-        return True  # directories / non-md5 entries: nothing cheap to verify, not ours to judge
-    return path.is_file() and path.stat().st_size == entry.get("size", path.stat().st_size) and _md5(path) == entry["md5"]
+def _unchanged_stages(root: Path, names: list[str]) -> set[str]:
+    """The stages among `names` whose deps, params and outs all match dvc.lock, per `dvc status`."""
+    try:
+        res = subprocess.run(["dvc", "status", "--json"], cwd=root, capture_output=True, text=True, timeout=300)
+    except (OSError, subprocess.TimeoutExpired):
+        return set()
+    if res.returncode != 0:
+        return set()
+    try:
+        changed = json.loads(res.stdout or "{}")
+    except json.JSONDecodeError:
+        return set()
+    return {n for n in names if n not in changed}
 
 
 def _order(stages: dict) -> list[str]:
@@ -56,20 +57,39 @@ def sync_mtimes(root: Path = Path(".")) -> list[Path]:
     if not lock.is_file():
         return []
     stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
-    touched: list[Path] = []
+    inverted = []
     for name in _order(stages):
         st = stages[name]
         outs = [root / o["path"] for o in st.get("outs", [])]
         deps = [root / d["path"] for d in st.get("deps", [])]
-        if not outs or not all(p.is_file() for p in outs):
+        if outs and all(p.exists() for p in outs) and min(_mtime(p) for p in outs) <= max(
+            (_mtime(p) for p in deps if p.exists()), default=0.0
+        ):
+            inverted.append(name)
+    if not inverted:
+        return []
+    trusted = _unchanged_stages(root, inverted)  # DVC itself vouches for these files
+    touched: list[Path] = []
+    for name in _order(stages):  # DAG order, so each stage's deps are already fixed
+        if name not in trusted:
             continue
-        newest_dep = max((p.stat().st_mtime for p in deps if p.exists()), default=0.0)
-        if min(p.stat().st_mtime for p in outs) > newest_dep:
-            continue
-        if not all(_matches(root, e) for e in st.get("deps", []) + st.get("outs", [])):
-            continue
-        t = newest_dep + 1.0
+        st = stages[name]
+        outs = [root / o["path"] for o in st.get("outs", [])]
+        newest_dep = max((_mtime(root / d["path"]) for d in st.get("deps", []) if (root / d["path"]).exists()), default=0.0)
+        t = max(newest_dep, max(_mtime(p) for p in outs)) + 1.0
         for p in outs:
-            os.utime(p, (t, t))
+            _touch_tree(p, t)
             touched.append(p)
     return touched
+
+
+def _mtime(path: Path) -> float:
+    """Newest mtime in a file or directory tree (what Snakemake compares)."""
+    if path.is_dir():
+        return max([path.stat().st_mtime] + [p.stat().st_mtime for p in path.rglob("*")])
+    return path.stat().st_mtime
+
+
+def _touch_tree(path: Path, t: float) -> None:
+    for p in [*path.rglob("*"), path] if path.is_dir() else [path]:
+        os.utime(p, (t, t))

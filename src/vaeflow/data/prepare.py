@@ -169,7 +169,8 @@ def _check_target(out_dir: Path) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise DataError(f"prepared-data target {out_dir} exists and is not a directory")
     if out_dir.is_dir():
-        foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in PREPARED_FILES)
+        # .gitignore: DVC writes one beside the outputs it tracks
+        foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in PREPARED_FILES and p.name != ".gitignore")
         if foreign:
             raise DataError(
                 f"prepared-data target {out_dir} holds files that are not prepared data "
@@ -342,3 +343,19 @@ def load_manifest(root: str | Path) -> dict:
             return json.load(fh)
     except (OSError, json.JSONDecodeError) as exc:
         raise DataError(f"{path}: unreadable manifest ({exc})") from None
+
+
+def check_prepared(data_cfg: dict, root: str | Path) -> dict:
+    """The manifest of `root`, after checking it was prepared from this `data:` section.
+
+    Guards training and evaluation against stale prepared data (e.g. a runner reusing
+    results/data made for another config when the raw data is missing).
+    """
+    manifest = load_manifest(root)
+    wanted = resolve_data_cfg(data_cfg)
+    have = manifest.get("config", {})
+    diff = sorted(k for k in set(wanted) | set(have) if wanted.get(k) != have.get(k))
+    if diff:
+        shown = ", ".join(f"{k}: {have.get(k)!r} (config wants {wanted.get(k)!r})" for k in diff[:3])
+        raise DataError(f"{Path(root) / 'manifest.json'} was prepared from another data: section ({shown}); run prepare again")
+    return manifest

@@ -11,7 +11,10 @@ import os
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+MIN_SIZE = 64
 
 BACKBONE_FILES = {
     "alex": "alexnet-owt-7be5be79.pth",
@@ -58,4 +61,8 @@ class PerceptualLoss(nn.Module):
             target = target.transpose(1, 2).flatten(0, 1)
         if recon.shape[1] == 1:
             recon, target = recon.repeat(1, 3, 1, 1), target.repeat(1, 3, 1, 1)
+        if min(recon.shape[-2:]) < MIN_SIZE:  # the backbones' pooling needs >= 64 px (digits are 8-32)
+            size = [max(MIN_SIZE, s) for s in recon.shape[-2:]]
+            recon = F.interpolate(recon, size=size, mode="bilinear", align_corners=False)
+            target = F.interpolate(target, size=size, mode="bilinear", align_corners=False)
         return self.lpips(recon.float(), target.float()).mean()

@@ -49,6 +49,7 @@ class AutoencoderKL(nn.Module):
         num_res_blocks: ResBlocks per encoder stage (decoder stages get one more).
         attn_resolutions: running resolutions (e.g. 32 for the 32x32 map of a 256 input) that
             get a self-attention block after each ResBlock.
+        dec_attn_resolutions: the same for the decoder when it differs (default: attn_resolutions).
         z_channels: encoder output / decoder input width (defaults to embed_dim).
         embed_dim: latent channels after quant_conv.
         double_z: encoder predicts mean and logvar (False: deterministic autoencoder).
@@ -56,7 +57,8 @@ class AutoencoderKL(nn.Module):
         mid_attn: attention in the middle blocks; tanh_out: tanh on the output.
         spatial_dims: 2 ([B, C, H, W]) or 3 ([B, C, D, H, W]).
         use_quant_conv / use_post_quant_conv: the 1x1 latent projections (diffusers may drop them).
-        latent_scale: factor used by `encode(normalize=True)` / `decode(denorm=True)`.
+        latent_scale, latent_shift: `encode(normalize=True)` returns (z - shift) * scale and
+            `decode(denorm=True)` inverts it (SD: scale 0.18215, shift 0).
         ckpt_path: weights to load; without it a warning says the model starts from scratch.
     """
 
@@ -67,11 +69,11 @@ class AutoencoderKL(nn.Module):
                  resolution: int | Sequence[int] = 256, base_ch: int = 128,
                  ch_mult: Sequence[int] = (1, 2, 4, 4), down_channels: Sequence[int] | None = None,
                  num_res_blocks: int = 2, attn_resolutions: Sequence[int] = (),
-                 z_channels: int | None = None, embed_dim: int = 4, double_z: bool = True,
+                 dec_attn_resolutions: Sequence[int] | None = None, z_channels: int | None = None, embed_dim: int = 4, double_z: bool = True,
                  norm_groups: int | None = None, dropout: float = 0.0, mid_attn: bool = True,
                  tanh_out: bool = False, spatial_dims: int = 2, use_quant_conv: bool = True,
                  use_post_quant_conv: bool = True, latent_scale: float = LATENT_SCALE,
-                 ckpt_path: str | None = None, codebook_size: int | None = None):
+                 latent_shift: float = 0.0, ckpt_path: str | None = None, codebook_size: int | None = None):
         super().__init__()
         del codebook_size  # KL models ignore a codebook size left in the config
         if spatial_dims not in (2, 3):
@@ -90,15 +92,20 @@ class AutoencoderKL(nn.Module):
         self.z_channels = z_channels
         self.double_z = double_z
         self.latent_scale = float(latent_scale)
+        self.latent_shift = float(latent_shift or 0.0)
         self.channels = tuple(channels)
         attn_resolutions = tuple(int(r) for r in attn_resolutions)
+        if dec_attn_resolutions is not None:
+            dec_attn_resolutions = tuple(int(r) for r in dec_attn_resolutions)
         run_res = min(self.resolution)
         common = dict(channels=channels, num_res_blocks=num_res_blocks, z_channels=z_channels,
-                      attn_resolutions=attn_resolutions, resolution=run_res,
-                      norm_groups=norm_groups, dropout=dropout, mid_attn=mid_attn, dims=spatial_dims)
+                      resolution=run_res, norm_groups=norm_groups, dropout=dropout,
+                      mid_attn=mid_attn, dims=spatial_dims)
         self.encoder = Encoder(in_channels=in_channels, stem_channels=stem, double_z=double_z,
-                               **common)
-        self.decoder = Decoder(out_channels=out_channels, tanh_out=tanh_out, **common)
+                               attn_resolutions=attn_resolutions, **common)
+        self.decoder = Decoder(out_channels=out_channels, tanh_out=tanh_out,
+                               attn_resolutions=attn_resolutions if dec_attn_resolutions is None
+                               else dec_attn_resolutions, **common)
         zc = 2 * z_channels if double_z else z_channels
         ec = 2 * embed_dim if double_z else embed_dim
         if use_quant_conv:
@@ -117,11 +124,12 @@ class AutoencoderKL(nn.Module):
                            resolution=resolution, base_ch=base_ch, ch_mult=tuple(ch_mult),
                            down_channels=None if down_channels is None else tuple(down_channels),
                            num_res_blocks=num_res_blocks, attn_resolutions=attn_resolutions,
+                           dec_attn_resolutions=dec_attn_resolutions,
                            z_channels=z_channels, embed_dim=embed_dim, double_z=double_z,
                            norm_groups=norm_groups, dropout=dropout, mid_attn=mid_attn,
                            tanh_out=tanh_out, spatial_dims=spatial_dims,
                            use_quant_conv=use_quant_conv, use_post_quant_conv=use_post_quant_conv,
-                           latent_scale=latent_scale)
+                           latent_scale=latent_scale, latent_shift=latent_shift)
         load_weights(self, ckpt_path, convert=_maybe_from_diffusers_keys)
 
     # -- SD-style API -------------------------------------------------------------------------
@@ -137,12 +145,12 @@ class AutoencoderKL(nn.Module):
         if not normalize:
             return posterior
         z = posterior.sample() if sample_posterior else posterior.mode()
-        return z * self.latent_scale
+        return (z - self.latent_shift) * self.latent_scale
 
     def decode(self, z: torch.Tensor, denorm: bool = False) -> torch.Tensor:
-        """Reconstruction from a latent; `denorm=True` first divides by `latent_scale`."""
+        """Reconstruction from a latent; `denorm=True` first undoes `encode(normalize=True)`."""
         if denorm:
-            z = z / self.latent_scale
+            z = z / self.latent_scale + self.latent_shift
         return self.decoder(self.post_quant_conv(z))
 
     def forward(self, x: torch.Tensor, sample_posterior: bool = True):

@@ -14,11 +14,31 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def conv_nd(dims: int, *args, **kwargs) -> nn.Module:
+class CausalConv3d(nn.Conv3d):
+    """Conv3d that sees only the current and earlier slices along depth/time (axis 2).
+
+    The depth padding that a symmetric conv would split over both ends all goes in front
+    (zeros); height and width are padded symmetrically as usual. Parameter names are those of
+    nn.Conv3d, so checkpoints move between causal and plain 3D models.
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, **kwargs):
+        k = (kernel_size,) * 3 if isinstance(kernel_size, int) else tuple(kernel_size)
+        p = (padding,) * 3 if isinstance(padding, int) else tuple(padding)
+        super().__init__(in_channels, out_channels, k, stride, padding=0, **kwargs)
+        self.causal_pad = (p[2], p[2], p[1], p[1], 2 * p[0], 0)  # F.pad order: W, H, D
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if any(self.causal_pad):
+            x = F.pad(x, self.causal_pad)
+        return super().forward(x)
+
+
+def conv_nd(dims: int, *args, causal: bool = False, **kwargs) -> nn.Module:
     if dims == 2:
         return nn.Conv2d(*args, **kwargs)
     if dims == 3:
-        return nn.Conv3d(*args, **kwargs)
+        return (CausalConv3d if causal else nn.Conv3d)(*args, **kwargs)
     raise ValueError(f"spatial_dims must be 2 or 3, got {dims}")
 
 
@@ -37,19 +57,28 @@ def default_norm_groups(channels: Sequence[int], max_groups: int = 32) -> int:
     return 1
 
 
+def _memory_format_of(w: torch.Tensor) -> torch.memory_format:
+    if w.ndim == 4 and not w.is_contiguous() and w.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    if w.ndim == 5 and not w.is_contiguous() and w.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
 class ResnetBlock(nn.Module):
     """GroupNorm -> SiLU -> conv3 -> GroupNorm -> SiLU -> dropout -> conv3, plus a (1x1) shortcut."""
 
     def __init__(self, in_channels: int, out_channels: int | None = None, *, dims: int = 2,
-                 norm_groups: int = 32, dropout: float = 0.0, eps: float = 1e-6):
+                 norm_groups: int = 32, dropout: float = 0.0, eps: float = 1e-6,
+                 causal: bool = False):
         super().__init__()
         out_channels = in_channels if out_channels is None else out_channels
         self.in_channels, self.out_channels = in_channels, out_channels
         self.norm1 = Normalize(in_channels, norm_groups, eps)
-        self.conv1 = conv_nd(dims, in_channels, out_channels, 3, 1, 1)
+        self.conv1 = conv_nd(dims, in_channels, out_channels, 3, 1, 1, causal=causal)
         self.norm2 = Normalize(out_channels, norm_groups, eps)
         self.dropout = nn.Dropout(dropout)
-        self.conv2 = conv_nd(dims, out_channels, out_channels, 3, 1, 1)
+        self.conv2 = conv_nd(dims, out_channels, out_channels, 3, 1, 1, causal=causal)
         if in_channels != out_channels:
             self.nin_shortcut = conv_nd(dims, in_channels, out_channels, 1, 1, 0)
         else:
@@ -59,6 +88,8 @@ class ResnetBlock(nn.Module):
         h = self.conv1(F.silu(self.norm1(x)))
         h = self.conv2(self.dropout(F.silu(self.norm2(h))))
         if self.nin_shortcut is not None:
+            if self.training:  # as diffusers (DDP stride warning); keeps NHWC for NHWC weights
+                x = x.contiguous(memory_format=_memory_format_of(self.nin_shortcut.weight))
             x = self.nin_shortcut(x)
         return x + h
 
@@ -67,48 +98,63 @@ class AttnBlock(nn.Module):
     """Single-head spatial self-attention over all positions (2D or 3D).
 
     Weights are LDM's 1x1 convolutions (`q`, `k`, `v`, `proj_out`); the forward pass runs them
-    as one fused [3C, C] matmul and uses `F.scaled_dot_product_attention`.
+    as matmuls on [B, N, C] tokens with `F.scaled_dot_product_attention`, in the same operation
+    order and memory layouts as diffusers' `Attention` + `AttnProcessor2_0`, so that the two
+    libraries round identically in fp32.
     """
 
-    def __init__(self, channels: int, *, dims: int = 2, norm_groups: int = 32, eps: float = 1e-6):
+    def __init__(self, channels: int, *, dims: int = 2, norm_groups: int = 32, eps: float = 1e-6,
+                 causal: bool = False):
         super().__init__()
         self.channels = channels
+        self.causal = causal and dims == 3  # tokens attend only to the same or earlier slices
         self.norm = Normalize(channels, norm_groups, eps)
         self.q = conv_nd(dims, channels, channels, 1)
         self.k = conv_nd(dims, channels, channels, 1)
         self.v = conv_nd(dims, channels, channels, 1)
         self.proj_out = conv_nd(dims, channels, channels, 1)
 
+    def _linear(self, conv: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(h, conv.weight.view(self.channels, self.channels), conv.bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        c = self.channels
-        h = self.norm(x).flatten(2).transpose(1, 2)  # [B, N, C]
-        w = torch.cat([self.q.weight, self.k.weight, self.v.weight], 0).view(3 * c, c)
-        b = torch.cat([self.q.bias, self.k.bias, self.v.bias], 0)
-        q, k, v = F.linear(h, w, b).unsqueeze(1).chunk(3, dim=-1)  # [B, 1, N, C] each
-        o = F.scaled_dot_product_attention(q, k, v).squeeze(1)
-        o = F.linear(o, self.proj_out.weight.view(c, c), self.proj_out.bias)
-        return x + o.transpose(1, 2).reshape(x.shape)
+        b, c = x.shape[:2]
+        h = x.flatten(2).transpose(1, 2)  # [B, N, C]
+        h = self.norm(h.transpose(1, 2)).transpose(1, 2)
+        q = self._linear(self.q, h).view(b, -1, 1, c).transpose(1, 2)  # [B, 1, N, C]
+        k = self._linear(self.k, h).view(b, -1, 1, c).transpose(1, 2)
+        v = self._linear(self.v, h).view(b, -1, 1, c).transpose(1, 2)
+        mask = None
+        if self.causal:
+            t = torch.arange(x.shape[2], device=x.device).repeat_interleave(x[0, 0, 0].numel())
+            mask = t[:, None] >= t[None, :]
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        o = self._linear(self.proj_out, o.transpose(1, 2).reshape(b, -1, c))
+        # (attention + residual) in this order: the sum keeps the attention output's layout
+        return o.transpose(-1, -2).reshape(x.shape) + x
 
 
 class Downsample(nn.Module):
-    """Stride-2 3x3 conv after LDM's asymmetric zero pad (0, 1) on every spatial axis."""
+    """Stride-2 3x3 conv after LDM's asymmetric zero pad (0, 1) on every spatial axis
+    (causal 3D: the depth axis is padded (2, 0) instead, so no output sees a later slice)."""
 
-    def __init__(self, channels: int, *, dims: int = 2):
+    def __init__(self, channels: int, *, dims: int = 2, causal: bool = False):
         super().__init__()
         self.dims = dims
+        self.pad = (0, 1) * dims if not (causal and dims == 3) else (0, 1, 0, 1, 2, 0)
         self.conv = conv_nd(dims, channels, channels, 3, 2, 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.pad(x, (0, 1) * self.dims, mode="constant", value=0.0)
+        x = F.pad(x, self.pad, mode="constant", value=0.0)
         return self.conv(x)
 
 
 class Upsample(nn.Module):
     """Nearest-neighbour x2 followed by a 3x3 conv."""
 
-    def __init__(self, channels: int, *, dims: int = 2):
+    def __init__(self, channels: int, *, dims: int = 2, causal: bool = False):
         super().__init__()
-        self.conv = conv_nd(dims, channels, channels, 3, 1, 1)
+        self.conv = conv_nd(dims, channels, channels, 3, 1, 1, causal=causal)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
@@ -126,12 +172,13 @@ class Encoder(nn.Module):
     def __init__(self, *, in_channels: int, channels: Sequence[int], stem_channels: int,
                  num_res_blocks: int, z_channels: int, double_z: bool = True,
                  attn_resolutions: Sequence[int] = (), resolution: int = 256,
-                 norm_groups: int = 32, dropout: float = 0.0, mid_attn: bool = True, dims: int = 2):
+                 norm_groups: int = 32, dropout: float = 0.0, mid_attn: bool = True, dims: int = 2,
+                 causal: bool = False):
         super().__init__()
-        kw = dict(dims=dims, norm_groups=norm_groups)
+        kw = dict(dims=dims, norm_groups=norm_groups, causal=causal)
         self.num_resolutions = len(channels)
         self.num_res_blocks = num_res_blocks
-        self.conv_in = conv_nd(dims, in_channels, stem_channels, 3, 1, 1)
+        self.conv_in = conv_nd(dims, in_channels, stem_channels, 3, 1, 1, causal=causal)
         curr_res = resolution
         block_in = stem_channels
         self.down = nn.ModuleList()
@@ -145,7 +192,7 @@ class Encoder(nn.Module):
                 if curr_res in attn_resolutions:
                     down.attn.append(AttnBlock(block_in, **kw))
             if i_level != self.num_resolutions - 1:
-                down.downsample = Downsample(block_in, dims=dims)
+                down.downsample = Downsample(block_in, dims=dims, causal=causal)
                 curr_res = curr_res // 2
             self.down.append(down)
         self.mid = nn.Module()
@@ -153,7 +200,8 @@ class Encoder(nn.Module):
         self.mid.attn_1 = AttnBlock(block_in, **kw) if mid_attn else nn.Identity()
         self.mid.block_2 = ResnetBlock(block_in, block_in, dropout=dropout, **kw)
         self.norm_out = Normalize(block_in, norm_groups)
-        self.conv_out = conv_nd(dims, block_in, 2 * z_channels if double_z else z_channels, 3, 1, 1)
+        self.conv_out = conv_nd(dims, block_in, 2 * z_channels if double_z else z_channels, 3, 1, 1,
+                                causal=causal)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
@@ -179,15 +227,15 @@ class Decoder(nn.Module):
     def __init__(self, *, out_channels: int, channels: Sequence[int], num_res_blocks: int,
                  z_channels: int, attn_resolutions: Sequence[int] = (), resolution: int = 256,
                  norm_groups: int = 32, dropout: float = 0.0, mid_attn: bool = True,
-                 tanh_out: bool = False, dims: int = 2):
+                 tanh_out: bool = False, dims: int = 2, causal: bool = False):
         super().__init__()
-        kw = dict(dims=dims, norm_groups=norm_groups)
+        kw = dict(dims=dims, norm_groups=norm_groups, causal=causal)
         self.num_resolutions = len(channels)
         self.num_res_blocks = num_res_blocks
         self.tanh_out = tanh_out
         block_in = channels[-1]
         curr_res = resolution // 2 ** (self.num_resolutions - 1)
-        self.conv_in = conv_nd(dims, z_channels, block_in, 3, 1, 1)
+        self.conv_in = conv_nd(dims, z_channels, block_in, 3, 1, 1, causal=causal)
         self.mid = nn.Module()
         self.mid.block_1 = ResnetBlock(block_in, block_in, dropout=dropout, **kw)
         self.mid.attn_1 = AttnBlock(block_in, **kw) if mid_attn else nn.Identity()
@@ -204,12 +252,12 @@ class Decoder(nn.Module):
                 if curr_res in attn_resolutions:
                     up.attn.append(AttnBlock(block_in, **kw))
             if i_level != 0:
-                up.upsample = Upsample(block_in, dims=dims)
+                up.upsample = Upsample(block_in, dims=dims, causal=causal)
                 curr_res = curr_res * 2
             ups.insert(0, up)
         self.up = nn.ModuleList(ups)
         self.norm_out = Normalize(block_in, norm_groups)
-        self.conv_out = conv_nd(dims, block_in, out_channels, 3, 1, 1)
+        self.conv_out = conv_nd(dims, block_in, out_channels, 3, 1, 1, causal=causal)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(z)

@@ -42,11 +42,12 @@ class BatchFetcher:
 
     def _resize(self, x: torch.Tensor) -> torch.Tensor:
         # Library users may hand in images of another size; resize like seed 000 did.
-        spatial = x.shape[2:]
-        if self.size is None or all(s == self.size for s in spatial):
+        spatial = tuple(x.shape[2:])
+        target = spatial[:-2] + (self.size, self.size)  # in-plane only: volume depth is kept
+        if self.size is None or spatial == target:
             return x
-        mode = "bilinear" if self.spatial_dims == 2 else "trilinear"
-        return F.interpolate(x, size=(self.size,) * len(spatial), mode=mode, align_corners=False).clamp(0, 1)
+        mode = "bilinear" if len(spatial) == 2 else "trilinear"
+        return F.interpolate(x, size=target, mode=mode, align_corners=False).clamp(0, 1)
 
     def fetch(self, indices: torch.Tensor) -> torch.Tensor:
         if hasattr(self.dataset, "get_batch"):
@@ -55,9 +56,11 @@ class BatchFetcher:
             return self._resize(torch.stack([_as_image(i) for i in self.dataset.__getitems__(indices.tolist())]))
         return self._resize(torch.stack([_as_image(self.dataset[int(i)]) for i in indices]))
 
-    def iterate(self, order: torch.Tensor, batch_size: int, start: int, stop: int):
-        """Yield batches start..stop-1 of the given order."""
+    def iterate(self, order: torch.Tensor, batch_size: int, start: int, stop: int, shard=None):
+        """Yield batches start..stop-1 of the given order (this rank's slice of each, with `shard`)."""
         chunks = [order[b * batch_size : (b + 1) * batch_size] for b in range(start, stop)]
+        if shard is not None:
+            chunks = [shard(c) for c in chunks]
         if self.workers == 0 or hasattr(self.dataset, "__getitems__"):
             for idx in chunks:
                 yield self.fetch(idx)

@@ -30,6 +30,7 @@ from vaeflow.losses import AdversarialLoss, KLLoss, PerceptualLoss, Reconstructi
 from vaeflow.train import rng
 from vaeflow.train.batches import BatchFetcher, batches_per_epoch, epoch_order
 from vaeflow.train.device import resolve_device
+from vaeflow.train.distributed import Dist, init_from_env
 from vaeflow.train.ema import EMA
 from vaeflow.train.optim import build_optimizer, build_scheduler
 
@@ -74,11 +75,14 @@ def _to_unit(x: torch.Tensor, model: nn.Module) -> torch.Tensor:
 class _Console:
     """Seed 003's log line, plus a tqdm bar when stderr is a terminal."""
 
-    def __init__(self, stream=None):
+    def __init__(self, stream=None, enabled: bool = True):
         self.stream = stream or sys.stdout
         self.bar = None
+        self.enabled = enabled  # off on ranks other than 0
 
     def line(self, text: str) -> None:
+        if not self.enabled:
+            return
         msg = f"[{datetime.now():%H:%M:%S}] {text}"
         if self.bar is not None:
             self.bar.write(msg)
@@ -86,7 +90,7 @@ class _Console:
             print(msg, file=self.stream, flush=True)
 
     def start_bar(self, total: int, initial: int, desc: str) -> None:
-        if sys.stderr.isatty():
+        if self.enabled and sys.stderr.isatty():
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, initial=initial, desc=desc, leave=False)
@@ -127,11 +131,15 @@ class StageTrainer:
         self.step = resolve_steps(config)[self.index]
         self.tcfg = config["training"]
         self.paths = StagePaths(Path(results_dir) / stage)
-        self.console = console or _Console()
+        self.dist = Dist()
+        self.console = console or _Console(enabled=self.dist.main)
         self.seed = config["seed"]
-        rng.seed_everything(self.seed + self.index)
+        rng.seed_everything(self.seed + self.index)  # the same on every rank: identical initial weights
 
         self.device = resolve_device(self.tcfg["device"])
+        if self.dist.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
+            torch.cuda.set_device(self.device)
         self.disc_device = resolve_device(self.tcfg.get("disc_device"), self.device)
         self.perc_device = resolve_device(self.tcfg.get("perceptual_device"), self.device)
         self.amp_dtype = None
@@ -219,6 +227,14 @@ class StageTrainer:
         self.fixed_val = self.val_data.fetch(torch.arange(min(N_FIXED_SAMPLES, len(self.val_data))))
         g = torch.Generator().manual_seed(self.seed + 7919)
         self.fixed_noise = self._prior_noise(N_FIXED_SAMPLES, g)
+        if self.dist.enabled:
+            self.dist.broadcast_module(self.model)
+            self.dist.broadcast_module(self.discriminator)
+            if self.ema is not None:
+                self.dist.broadcast_module(self.ema.model)
+            if self.dist.rank:  # other ranks draw their own posterior noise; rank 0 keeps the single-process stream
+                rng.seed_everything(self.seed + self.index + 104_729 * self.dist.rank)
+            self.console.line(f"Data parallel over {self.dist.world} processes: {self.batch_size // self.dist.world} images each per batch")
 
     # ------------------------------------------------------------------ setup helpers
     def _max_epochs(self) -> int:
@@ -340,11 +356,14 @@ class StageTrainer:
         for opt, params in ((self.opt_vae, self._vae_params), (self.opt_disc, self._disc_params)):
             if opt is None:
                 continue
+            self.dist.average_grads(params())  # before unscaling: an inf on any rank skips the step on all
             if clip:
                 self.scaler.unscale_(opt)
                 torch.nn.utils.clip_grad_norm_(params(), clip)
             self.scaler.step(opt)
         self.scaler.update()
+        self.dist.broadcast_module(self.model, buffers_only=True)  # BatchNorm statistics follow rank 0
+        self.dist.broadcast_module(self.discriminator, buffers_only=True)
         for opt in (self.opt_vae, self.opt_disc):
             if opt is not None:
                 opt.zero_grad(set_to_none=True)
@@ -423,6 +442,7 @@ class StageTrainer:
             "schedulers": {k: s.state_dict() for k, s in (("vae", self.sched_vae), ("discriminator", self.sched_disc)) if s},
             "scaler": self.scaler.state_dict(),
             "rng": rng.capture(),
+            "rng_ranks": self.dist.gather(rng.capture()) if self.dist.enabled else None,
             "data_state": {"epoch": self.epoch, "batch": self.batch, "micro": self.micro},
             "epoch": self.epoch,
             "global_step": self.global_step,
@@ -454,41 +474,59 @@ class StageTrainer:
             if sch is not None:
                 sch.load_state_dict(st["schedulers"][key])
         self.scaler.load_state_dict(st["scaler"])
-        rng.restore(st["rng"])
+        ranks = st.get("rng_ranks")
+        if self.dist.enabled and ranks and len(ranks) == self.dist.world:
+            rng.restore(ranks[self.dist.rank])
+        elif not self.dist.enabled:
+            rng.restore(st["rng"])
         self.epoch, self.batch = st["data_state"]["epoch"], st["data_state"]["batch"]
         self.micro = st["data_state"]["micro"]
         self.global_step, self.best_val, self.smoothed = st["global_step"], st["best_val"], st["smoothed"]
         self.finished, self.metrics_offset = st["finished"], st["metrics_offset"]
         self.history = st["pipeline_metadata"]["step_metrics"][self.stage]
 
+    def _save(self, name: str) -> None:
+        state = self.state()  # every rank: it gathers their RNG states
+        if self.dist.main:
+            ckpt.save(state, self.paths.work(name))
+
     def _save_last(self) -> None:
         self.metrics_offset = self._metrics_size()
-        ckpt.save(self.state(), self.paths.work("last.pt"))
+        self._save("last.pt")
 
     def _metrics_size(self) -> int:
         p = self.paths.work("metrics.jsonl")
         return p.stat().st_size if p.exists() else 0
 
     def _try_resume(self) -> None:
+        self.dist.barrier()
+        self._resume_checked()
+        self.dist.barrier()
+
+    def _drop_running(self) -> None:
+        if self.dist.main and self.paths.running.exists():
+            shutil.rmtree(self.paths.running)
+
+    def _resume_checked(self) -> None:
         last = self.paths.work("last.pt")
         if not last.exists():
-            if self.paths.running.exists():
-                shutil.rmtree(self.paths.running)
+            self._drop_running()
             return
         try:
             st = ckpt.load_vaeflow(last)
         except ckpt.CheckpointError as exc:
             self.console.line(f"WARNING: ignoring unreadable resume state ({exc}); starting the stage over")
-            shutil.rmtree(self.paths.running)
+            self._drop_running()
             return
         if st.get("fingerprint") != self.run_fingerprint:
             self.console.line("Discarding resume state from an earlier run: the stage's config or prior artifact changed")
-            shutil.rmtree(self.paths.running)
+            self._drop_running()
             return
         self.load_state(st)
         # Drop metric lines written after that checkpoint: they will be written again.
-        with open(self.paths.work("metrics.jsonl"), "a+b") as f:
-            f.truncate(self.metrics_offset)
+        if self.dist.main:
+            with open(self.paths.work("metrics.jsonl"), "a+b") as f:
+                f.truncate(self.metrics_offset)
         self.console.line(
             f"Resuming from checkpoint: step={self.index + 1} ({self.stage}), epoch={self.epoch + 1}, batch={self.batch}"
         )
@@ -499,6 +537,9 @@ class StageTrainer:
         Links keep running/ whole until every output is in place, so a kill during
         publishing just publishes again on the next run.
         """
+        self.dist.barrier()
+        if not self.dist.main:
+            return
         for name in ("metrics.jsonl", "last.pt", "best.pt"):
             tmp = self.paths.root / f".{name}.publish"
             tmp.unlink(missing_ok=True)
@@ -528,6 +569,8 @@ class StageTrainer:
         self._write_jsonl({"split": "train", "metrics": values})
 
     def _write_jsonl(self, record: dict) -> None:
+        if not self.dist.main:
+            return
         record = {
             "timestamp": datetime.now().isoformat(),
             "session_id": self.session_id,
@@ -556,7 +599,7 @@ class StageTrainer:
             self.console.start_bar(self.n_batches, self.batch, f"{self.stage} epoch {self.epoch + 1}")
             meter, epoch_meter = _Meter(), _Meter()
             t_log, imgs_log = time.perf_counter(), 0
-            for x in self.train_data.iterate(order, self.batch_size, self.batch, self.n_batches):
+            for x in self.train_data.iterate(order, self.batch_size, self.batch, self.n_batches, self.dist.shard):
                 x = _to_model_range(x, self.model).to(self.device, non_blocking=True)
                 window_pos = self.batch % self.accum
                 values = self._train_batch(x, window_pos)
@@ -572,12 +615,13 @@ class StageTrainer:
                 self.global_step += 1
                 if self.global_step % self.tcfg["log_every"] == 0 or self.batch == self.n_batches:
                     dt = time.perf_counter() - t_log
-                    self._log(meter.means(), dt / max(1, meter.count), imgs_log / max(dt, 1e-9))
+                    imgs = imgs_log * self.dist.world
+                    self._log(self.dist.mean_dict(meter.means()), dt / max(1, meter.count), imgs / max(dt, 1e-9))
                     meter, t_log, imgs_log = _Meter(), time.perf_counter(), 0
                 if self.global_step % self.tcfg["save_every"] == 0 and self.batch != self.n_batches:
                     self._save_last()
             self.console.close_bar()
-            self._end_epoch(epoch_meter.means(), max_epochs)
+            self._end_epoch(self.dist.mean_dict(epoch_meter.means()), max_epochs)
         self._publish()
         elapsed = time.perf_counter() - t_start
         summary = {
@@ -586,7 +630,7 @@ class StageTrainer:
             "global_step": self.global_step,
             "best_val_loss": self.best_val,
             "seconds": round(elapsed, 2),
-            "images_per_s": round(images_seen / max(elapsed, 1e-9), 1),
+            "images_per_s": round(images_seen * self.dist.world / max(elapsed, 1e-9), 1),
         }
         self.console.line(
             f"Stage {self.stage} done: {self.epoch} epochs, {self.global_step} steps, "
@@ -608,7 +652,7 @@ class StageTrainer:
                 sch.step(val["val_loss"])
             elif sch is not None:
                 sch.step()
-        if self.tcfg["sample_every_epoch"]:
+        if self.tcfg["sample_every_epoch"] and self.dist.main:
             self.save_grids()
         improved = val["val_loss"] < self.best_val
         if improved:
@@ -617,7 +661,7 @@ class StageTrainer:
         self.batch = 0
         self.finished = self._transition(train_means, val, max_epochs)
         if improved:
-            ckpt.save(self.state(), self.paths.work("best.pt"))
+            self._save("best.pt")
         self._save_last()
 
     def _transition(self, train_means: dict, val: dict, max_epochs: int) -> bool:
@@ -641,10 +685,20 @@ class StageTrainer:
 
 def run_stage(config: dict, stage: str, results_dir="results", train_ds=None, val_ds=None) -> dict:
     """Train one stage; datasets default to the prepared splits under results/data."""
+    distributed = init_from_env(config["training"]["distributed"]["backend"])
+    try:
+        return _run_stage(config, stage, results_dir, train_ds, val_ds)
+    finally:
+        if distributed:
+            torch.distributed.destroy_process_group()
+
+
+def _run_stage(config: dict, stage: str, results_dir, train_ds, val_ds) -> dict:
     if train_ds is None or val_ds is None:
-        from vaeflow.data import PreparedDataset
+        from vaeflow.data import PreparedDataset, check_prepared
 
         data_dir = Path(results_dir) / "data"
+        check_prepared(config["data"], data_dir)
         train_ds = train_ds or PreparedDataset(data_dir, "train", binarize=config["data"]["binarize"], seed=config["seed"])
         val_ds = val_ds or PreparedDataset(data_dir, "val", binarize="none", seed=config["seed"])
     return StageTrainer(config, stage, results_dir, train_ds, val_ds).run()

@@ -68,14 +68,21 @@ def sync_mtimes(root: Path = Path(".")) -> list[Path]:
             inverted.append(name)
     if not inverted:
         return []
-    trusted = _unchanged_stages(root, inverted)  # DVC itself vouches for these files
+    # DVC itself vouches for these files. Every stage is a candidate, not only the inverted
+    # ones: fixing a stage's outputs can invert a downstream stage that looked fine before
+    # (e.g. summary after evaluate). One `dvc status` call answers for all of them.
+    trusted = _unchanged_stages(root, list(stages))
     touched: list[Path] = []
     for name in _order(stages):  # DAG order, so each stage's deps are already fixed
         if name not in trusted:
             continue
         st = stages[name]
         outs = [root / o["path"] for o in st.get("outs", [])]
+        if not outs or not all(p.exists() for p in outs):
+            continue
         newest_dep = max((_mtime(root / d["path"]) for d in st.get("deps", []) if (root / d["path"]).exists()), default=0.0)
+        if min(_mtime(p) for p in outs) > newest_dep:
+            continue  # already newer than every dep (with the deps as fixed so far)
         t = max(newest_dep, max(_mtime(p) for p in outs)) + 1.0
         for p in outs:
             _touch_tree(p, t)

@@ -28,8 +28,9 @@ import torch
 
 from vaeflow import metrics as M
 from vaeflow.checkpoint import atomic_write
+from vaeflow.metrics import to_model_range as _to_model_range
+from vaeflow.metrics import to_unit as _to_unit
 from vaeflow.models.loading import load_autoencoder
-from vaeflow.train.stage import _to_model_range, _to_unit
 
 # Defaults of the `evaluation:` config section (the schema carries the same values).
 EVAL_DEFAULTS = {

@@ -24,8 +24,9 @@ import torch
 from torchvision.utils import make_grid
 
 from vaeflow.checkpoint import atomic_write
+from vaeflow.metrics import to_model_range as _to_model_range
+from vaeflow.metrics import to_unit as _to_unit
 from vaeflow.models.loading import load_autoencoder
-from vaeflow.train.stage import _to_model_range, _to_unit
 
 SAMPLING_DEFAULTS = {
     "samples": 64,

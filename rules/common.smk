@@ -8,7 +8,7 @@ from snakemake.utils import validate
 from vaeflow import config as vfconfig
 from vaeflow.dvcgen import DATA_FILES, stage_outputs
 from vaeflow.dvcsync import sync_mtimes
-from vaeflow.train import prior_artifact
+from vaeflow.trainer import prior_artifact
 
 try:
     VF = vfconfig.validate(config)  # one message naming the key path
@@ -27,7 +27,9 @@ CONFIG_ARGS = " ".join(str(p) for p in workflow.configfiles)
 STAGES = vfconfig.stage_names(VF)
 SAMPLE_LABEL = VF["sampling"]["checkpoint"]
 # prepare may download (MNIST through torchvision): keep it off compute nodes without internet.
-PREPARE_DOWNLOADS = VF["data"]["dataset"] == "mnist" and VF["data"].get("download", True)
+PREPARE_DOWNLOADS = VF["data"]["dataset"] == "mnist" and VF["data"].get(
+    "download", True
+)
 
 # Outputs restored by `dvc pull` get DAG-ordered mtimes, so they count as current.
 sync_mtimes()

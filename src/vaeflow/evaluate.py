@@ -15,7 +15,7 @@ import torch
 
 from vaeflow.checkpoint import atomic_write
 from vaeflow.models.loading import load_autoencoder
-from vaeflow.train.stage import _to_model_range, _to_unit
+from vaeflow.trainer.stage import _to_model_range, _to_unit
 
 
 def _batches(ds, batch_size: int):

@@ -10,7 +10,7 @@ from torchvision.utils import save_image
 
 from vaeflow.checkpoint import atomic_write
 from vaeflow.models.loading import load_autoencoder
-from vaeflow.train.stage import _to_model_range, _to_unit
+from vaeflow.trainer.stage import _to_model_range, _to_unit
 
 
 class SampleError(ValueError):

@@ -133,3 +133,18 @@ def test_discriminator_3d_and_r1():
     x = torch.randn(2, 3, 32, 32, requires_grad=True)
     (g,) = torch.autograd.grad(d(x).sum(), x, create_graph=True)
     g.square().sum().backward()
+
+
+def test_channels_last_option_matches():
+    torch.manual_seed(0)
+    a = build_model(TINY).eval()
+    b = build_model(dict(TINY, channels_last=True)).eval()
+    b.load_state_dict(a.state_dict())
+    assert b.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ra, rb = a(x, sample_posterior=False)[0], b(x, sample_posterior=False)[0]
+    assert (ra - rb).abs().max() < 1e-4
+    b.train()
+    out = b.ae_forward(x)
+    assert grads_reach_all(b, out.recon.mean() + out.posterior.kl().mean()) == []

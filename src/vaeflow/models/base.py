@@ -163,3 +163,12 @@ def load_weights(model: torch.nn.Module, ckpt_path: str | None, *, strict: bool 
         raise RuntimeError(f"{type(model).__name__}: checkpoint {ckpt_path} does not match the "
                            f"model: missing {missing[:8]} ({len(missing)}), unexpected "
                            f"{unexpected[:8]} ({len(unexpected)})")
+
+
+def set_memory_format(module: torch.nn.Module, channels_last: bool, spatial_dims: int):
+    """Convert `module` to channels-last when asked; return the input memory format to use."""
+    if not channels_last:
+        return torch.contiguous_format
+    fmt = torch.channels_last if spatial_dims == 2 else torch.channels_last_3d
+    module.to(memory_format=fmt)
+    return fmt

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .autoencoder_kl import _resolve_channels, _spatial
-from .base import AEOutput, load_weights
+from .base import AEOutput, load_weights, set_memory_format
 from .blocks import Decoder, Encoder, conv_nd, default_norm_groups
 from .quantizers import VectorQuantizer
 
@@ -35,7 +35,7 @@ class VQVAE(nn.Module):
                  dropout: float = 0.0, mid_attn: bool = True, tanh_out: bool = False,
                  spatial_dims: int = 2, causal: bool | None = None,
                  codebook_size: int = 1024, beta: float = 0.25, ema: bool = True,
-                 decay: float = 0.99, dead_code_threshold: float = 1.0,
+                 decay: float = 0.99, dead_code_threshold: float = 1.0, channels_last: bool = False,
                  ckpt_path: str | None = None, **quantizer_kwargs: Any):
         super().__init__()
         if spatial_dims not in (2, 3):
@@ -69,7 +69,9 @@ class VQVAE(nn.Module):
                            z_channels=z_channels, embed_dim=embed_dim, norm_groups=norm_groups,
                            dropout=dropout, mid_attn=mid_attn, tanh_out=tanh_out,
                            spatial_dims=spatial_dims, causal=causal,
-                           codebook_size=self.quantize.codebook_size, **quantizer_kwargs)
+                           codebook_size=self.quantize.codebook_size, channels_last=channels_last,
+                           **quantizer_kwargs)
+        self.memory_format = set_memory_format(self, channels_last, spatial_dims)
         load_weights(self, ckpt_path)
 
     def _make_quantizer(self, *, codebook_size, embed_dim, beta, ema, decay, dead_code_threshold,
@@ -82,9 +84,11 @@ class VQVAE(nn.Module):
     # -- taming-style API ---------------------------------------------------------------------
     def encode(self, x: torch.Tensor):
         """-> (quantized latent, reg_loss, info with `indices` and stats)."""
-        return self.quantize(self.quant_conv(self.encoder(x)))
+        h = self.encoder(x.contiguous(memory_format=self.memory_format))
+        return self.quantize(self.quant_conv(h))
 
     def decode(self, z_q: torch.Tensor) -> torch.Tensor:
+        z_q = z_q.contiguous(memory_format=self.memory_format)
         return self.decoder(self.post_quant_conv(z_q))
 
     def decode_code(self, indices: torch.Tensor) -> torch.Tensor:

@@ -105,7 +105,8 @@ def test_export_round_trip(tmp_path):
     ema = build_model(mcfg)
     _perturb_norms(ema)
     ckpt = {"format": 1, "config": {"model": mcfg, "seed": 0}, "model": ours.state_dict(),
-            "ema": ema.state_dict(), "stage": "vae_warmup"}
+            "ema": {"weights": ema.state_dict(), "num_updates": 3, "decay": 0.999},
+            "stage": "vae_warmup"}
     torch.save(ckpt, tmp_path / "best.pt")
     out = export_diffusers(tmp_path / "best.pt", tmp_path / "export")
     assert (out / "config.json").exists() and (out / "diffusion_pytorch_model.safetensors").exists()

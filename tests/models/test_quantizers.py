@@ -163,3 +163,16 @@ def test_causal_blocks_ignore_later_slices():
     # attention: queries at t < 5 only attend to keys at t' <= t (norm stats aside)
     attn.norm = torch.nn.Identity()
     assert torch.allclose(attn(x)[:, :, :5], attn(y)[:, :, :5])
+
+
+def test_latent_shape_matches_encoder_for_odd_sizes():
+    torch.manual_seed(0)
+    m = build_model({**TINY, "type": "magvit", "quantizer": "fsq", "levels": (3, 3),
+                     "spatial_dims": 3, "in_channels": 1, "resolution": (9, 12, 10)})
+    assert m.latent_shape == (2, 5, 6, 5)
+    with torch.no_grad():
+        assert m.encode_latent(torch.randn(1, 1, 9, 12, 10)).shape == (1, *m.latent_shape)
+    v = build_model({**TINY, "type": "vqvae", "codebook_size": 8, "resolution": (15, 17)})
+    assert v.latent_shape == (4, 7, 8)
+    with torch.no_grad():
+        assert v.encode_latent(torch.randn(1, 3, 15, 17)).shape == (1, *v.latent_shape)

@@ -52,6 +52,7 @@ class VQVAE(nn.Module):
         if norm_groups is None:
             norm_groups = default_norm_groups([stem, *channels])
         self.spatial_dims = spatial_dims
+        self.causal = causal
         self.resolution = _spatial(resolution, spatial_dims)
         self.channels = tuple(channels)
         self.embed_dim = embed_dim
@@ -113,8 +114,11 @@ class VQVAE(nn.Module):
 
     @property
     def latent_shape(self) -> tuple[int, ...]:
-        f = 2 ** (len(self.channels) - 1)
-        return (self.embed_dim, *(-(-r // f) for r in self.resolution))
+        sizes = list(self.resolution)
+        for _ in range(len(self.channels) - 1):  # Downsample: floor(r / 2); causal depth: ceil
+            sizes = [(-(-r // 2) if (i == 0 and self.causal and self.spatial_dims == 3) else r // 2)
+                     for i, r in enumerate(sizes)]
+        return (self.embed_dim, *sizes)
 
     def sample_prior(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """Codes drawn uniformly from the codebook (VQ models have no learned prior here)."""

@@ -59,6 +59,7 @@ class AutoencoderKL(nn.Module):
         use_quant_conv / use_post_quant_conv: the 1x1 latent projections (diffusers may drop them).
         latent_scale, latent_shift: `encode(normalize=True)` returns (z - shift) * scale and
             `decode(denorm=True)` inverts it (SD: scale 0.18215, shift 0).
+        act: ResBlock activation ("silu" (SD), "gelu", "mish", "relu"); heads stay SiLU.
         channels_last: keep weights and activations NHWC (NDHWC in 3D); faster fp32 convs on
             CPU and GPU. Numerics differ from NCHW only by rounding.
         ckpt_path: weights to load; without it a warning says the model starts from scratch.
@@ -76,7 +77,7 @@ class AutoencoderKL(nn.Module):
                  norm_groups: int | None = None, dropout: float = 0.0, mid_attn: bool = True,
                  tanh_out: bool = False, spatial_dims: int = 2, use_quant_conv: bool = True,
                  use_post_quant_conv: bool = True, latent_scale: float = LATENT_SCALE,
-                 latent_shift: float = 0.0, channels_last: bool = False,
+                 latent_shift: float = 0.0, act: str = "silu", channels_last: bool = False,
                  ckpt_path: str | None = None, codebook_size: int | None = None):
         super().__init__()
         del codebook_size  # KL models ignore a codebook size left in the config
@@ -104,7 +105,7 @@ class AutoencoderKL(nn.Module):
         run_res = min(self.resolution)
         common = dict(channels=channels, num_res_blocks=num_res_blocks, z_channels=z_channels,
                       resolution=run_res, norm_groups=norm_groups, dropout=dropout,
-                      mid_attn=mid_attn, dims=spatial_dims)
+                      mid_attn=mid_attn, dims=spatial_dims, act=act)
         self.encoder = Encoder(in_channels=in_channels, stem_channels=stem, double_z=double_z,
                                attn_resolutions=attn_resolutions, **common)
         self.decoder = Decoder(out_channels=out_channels, tanh_out=tanh_out,
@@ -133,7 +134,7 @@ class AutoencoderKL(nn.Module):
                            norm_groups=norm_groups, dropout=dropout, mid_attn=mid_attn,
                            tanh_out=tanh_out, spatial_dims=spatial_dims,
                            use_quant_conv=use_quant_conv, use_post_quant_conv=use_post_quant_conv,
-                           latent_scale=latent_scale, latent_shift=latent_shift,
+                           latent_scale=latent_scale, latent_shift=latent_shift, act=act,
                            channels_last=channels_last)
         self.memory_format = set_memory_format(self, channels_last, spatial_dims)
         load_weights(self, ckpt_path, convert=_maybe_from_diffusers_keys)

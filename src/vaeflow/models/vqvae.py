@@ -33,7 +33,7 @@ class VQVAE(nn.Module):
                  num_res_blocks: int = 2, attn_resolutions: Sequence[int] = (),
                  z_channels: int | None = None, embed_dim: int = 4, norm_groups: int | None = None,
                  dropout: float = 0.0, mid_attn: bool = True, tanh_out: bool = False,
-                 spatial_dims: int = 2, causal: bool | None = None,
+                 spatial_dims: int = 2, causal: bool | None = None, act: str = "silu",
                  codebook_size: int = 1024, beta: float = 0.25, ema: bool = True,
                  decay: float = 0.99, dead_code_threshold: float = 1.0, channels_last: bool = False,
                  ckpt_path: str | None = None, **quantizer_kwargs: Any):
@@ -59,7 +59,7 @@ class VQVAE(nn.Module):
         common = dict(channels=channels, num_res_blocks=num_res_blocks, z_channels=z_channels,
                       attn_resolutions=tuple(attn_resolutions), resolution=min(self.resolution),
                       norm_groups=norm_groups, dropout=dropout, mid_attn=mid_attn,
-                      dims=spatial_dims, causal=causal)
+                      dims=spatial_dims, causal=causal, act=act)
         self.encoder = Encoder(in_channels=in_channels, stem_channels=stem, double_z=False, **common)
         self.decoder = Decoder(out_channels=out_channels, tanh_out=tanh_out, **common)
         self.quant_conv = conv_nd(spatial_dims, z_channels, embed_dim, 1)
@@ -69,7 +69,7 @@ class VQVAE(nn.Module):
                            num_res_blocks=num_res_blocks, attn_resolutions=tuple(attn_resolutions),
                            z_channels=z_channels, embed_dim=embed_dim, norm_groups=norm_groups,
                            dropout=dropout, mid_attn=mid_attn, tanh_out=tanh_out,
-                           spatial_dims=spatial_dims, causal=causal,
+                           spatial_dims=spatial_dims, causal=causal, act=act,
                            codebook_size=self.quantize.codebook_size, channels_last=channels_last,
                            **quantizer_kwargs)
         self.memory_format = set_memory_format(self, channels_last, spatial_dims)

@@ -17,8 +17,8 @@ import torch
 
 from vaeflow import config as cfg
 from vaeflow.data import PreparedDataset, prepare_dataset
-from vaeflow.train.batches import epoch_order
-from vaeflow.train.stage import StageTrainer, _to_model_range
+from vaeflow.trainer.batches import epoch_order
+from vaeflow.trainer.stage import StageTrainer, _to_model_range
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ from snakemake.utils import validate
 from vaeflow import config as vfconfig
 from vaeflow.dvcgen import DATA_FILES, SUMMARY_FILES, stage_outputs
 from vaeflow.dvcsync import sync_mtimes
-from vaeflow.train import prior_artifact
+from vaeflow.trainer import prior_artifact
 
 try:
     VF = vfconfig.validate(config)  # one message naming the key path

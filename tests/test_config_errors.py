@@ -39,6 +39,9 @@ CASES = {
     "bad_optimizer": (
         lambda c: c["training"]["pipeline"]["defaults"]["optimization"]["optimizers"]["vae"].update(type="Adagrad"),
         "training.pipeline.defaults.optimization.optimizers.vae.type", "is not one of"),
+    "r1_with_batchnorm": (
+        lambda c: (c["discriminator"].update(norm="batch"), c["training"]["pipeline"]["steps"][1].update(r1_gamma=1.0)),
+        "discriminator.norm", "BatchNorm breaks"),
     "not_square": (lambda c: c["sampling"].update(samples=10), "sampling.samples", "perfect square"),
     "missing_name": (lambda c: c["training"]["pipeline"]["steps"][0].pop("name"), "training.pipeline.steps[0]", "'name' is a required property"),
 }

@@ -23,4 +23,4 @@ def test_shipped_config_is_valid(name, monkeypatch):
     cfg.check_code_level(config)
     assert cfg.stage_names(config)[:2] == ["vae_warmup", "vae_gan"]
     resolved = resolve_data_cfg(config["data"])  # the data layer accepts the section too
-    assert resolved["spatial_dims"] == (3 if name == "ct3d" else 2)
+    assert resolved["spatial_dims"] == (3 if name == "ct3d.yaml" else 2)

@@ -13,7 +13,7 @@ from support import TINY, run
 from vaeflow import checkpoint as ckpt
 from vaeflow import config as cfg
 from vaeflow.data import PreparedDataset, prepare_dataset
-from vaeflow.train import run_stage
+from vaeflow.trainer import run_stage
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,7 @@ def one_stage(results, data_dir, **step) -> tuple[dict, dict]:
 
 def initial_model(config):
     from vaeflow.models import build_model
-    from vaeflow.train.rng import seed_everything
+    from vaeflow.trainer.rng import seed_everything
 
     seed_everything(config["seed"])  # the trainer seeds with seed + stage index (0) before building
     return build_model(config["model"]).state_dict()

@@ -69,7 +69,7 @@ def cmd_prepare(args) -> int:
 def cmd_train(args) -> int:
     import os
 
-    from vaeflow.train import run_stage
+    from vaeflow.trainer import run_stage
 
     config = _load_config(args)
     nproc = config["training"]["distributed"]["nproc_per_node"]

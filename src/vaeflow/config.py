@@ -172,6 +172,12 @@ def _check_semantics(config: dict, source: str | None) -> None:
             raise ConfigError(where, "enables no training mode (set train_vae and/or gan_training)", source)
         if step["gan_training"] and "discriminator" not in step["optimization"]["optimizers"]:
             raise ConfigError(f"{where}.optimization.optimizers", "gan_training needs a discriminator optimizer", source)
+        if step["gan_training"] and step["r1_gamma"] > 0 and config["discriminator"]["norm"] == "batch":
+            raise ConfigError(
+                "discriminator.norm",
+                f"steps[{i}] uses an R1 penalty (r1_gamma), which BatchNorm breaks: use group, instance or none",
+                source,
+            )
         trans = step["transition_on"]
         if trans.get("mode", "epoch") == "loss_threshold":
             for key in ("metric", "threshold", "max_epochs"):

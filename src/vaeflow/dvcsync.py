@@ -57,37 +57,31 @@ def sync_mtimes(root: Path = Path(".")) -> list[Path]:
     if not lock.is_file():
         return []
     stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
-    inverted = []
-    for name in _order(stages):
-        st = stages[name]
-        outs = [root / o["path"] for o in st.get("outs", [])]
-        deps = [root / d["path"] for d in st.get("deps", [])]
-        if outs and all(p.exists() for p in outs) and min(_mtime(p) for p in outs) <= max(
-            (_mtime(p) for p in deps if p.exists()), default=0.0
-        ):
-            inverted.append(name)
-    if not inverted:
+    order = _order(stages)
+    if not any(_inverted(root, stages[name]) for name in order):
         return []
-    # DVC itself vouches for these files. Every stage is a candidate, not only the inverted
-    # ones: fixing a stage's outputs can invert a downstream stage that looked fine before
-    # (e.g. summary after evaluate). One `dvc status` call answers for all of them.
-    trusted = _unchanged_stages(root, list(stages))
+    trusted = _unchanged_stages(root, order)  # DVC itself vouches for these stages' files
     touched: list[Path] = []
-    for name in _order(stages):  # DAG order, so each stage's deps are already fixed
-        if name not in trusted:
-            continue
+    for name in order:  # DAG order: a stage is fixed after the stages it depends on
         st = stages[name]
-        outs = [root / o["path"] for o in st.get("outs", [])]
-        if not outs or not all(p.exists() for p in outs):
+        if name not in trusted or not _inverted(root, st):
             continue
-        newest_dep = max((_mtime(root / d["path"]) for d in st.get("deps", []) if (root / d["path"]).exists()), default=0.0)
-        if min(_mtime(p) for p in outs) > newest_dep:
-            continue  # already newer than every dep (with the deps as fixed so far)
-        t = max(newest_dep, max(_mtime(p) for p in outs)) + 1.0
+        outs = [root / o["path"] for o in st.get("outs", [])]
+        t = _newest_dep(root, st) + 1.0
         for p in outs:
             _touch_tree(p, t)
             touched.append(p)
     return touched
+
+
+def _newest_dep(root: Path, stage: dict) -> float:
+    return max((_mtime(root / d["path"]) for d in stage.get("deps", []) if (root / d["path"]).exists()), default=0.0)
+
+
+def _inverted(root: Path, stage: dict) -> bool:
+    """All outputs present, but one looks no newer than a dependency."""
+    outs = [root / o["path"] for o in stage.get("outs", [])]
+    return bool(outs) and all(p.exists() for p in outs) and min(_mtime(p) for p in outs) <= _newest_dep(root, stage)
 
 
 def _mtime(path: Path) -> float:

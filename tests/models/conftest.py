@@ -15,7 +15,13 @@ def _quiet_scratch_warning():
         yield
 
 
-def grads_reach_all(model, loss):
+@pytest.fixture
+def grads_missing():
+    """loss -> names of trainable parameters that got no (finite) gradient."""
+    return _grads_missing
+
+
+def _grads_missing(model, loss):
     loss.backward()
     missing = [n for n, p in model.named_parameters() if p.requires_grad and
                (p.grad is None or not torch.isfinite(p.grad).all())]

@@ -7,7 +7,6 @@ import torch
 from vaeflow.models import (AEOutput, AutoencoderKL, DiagonalGaussian, build_discriminator,
                             build_from_json, build_model)
 
-from .conftest import grads_reach_all
 
 TINY = dict(type="autoencoder_kl", in_channels=3, resolution=32, base_ch=16, ch_mult=(1, 2),
             num_res_blocks=1, attn_resolutions=(16,), embed_dim=4, norm_groups=8)
@@ -54,15 +53,15 @@ def test_tiny_2d_contract():
     assert len(model.decoder.up[0].attn) == 0 and len(model.decoder.up[1].attn) == 2
 
 
-def test_gradients_reach_every_parameter():
+def test_gradients_reach_every_parameter(grads_missing):
     torch.manual_seed(0)
     model = build_model(TINY)
     out = model.ae_forward(torch.randn(2, 3, 32, 32))
     loss = out.recon.square().mean() + out.posterior.kl().mean()
-    assert grads_reach_all(model, loss) == []
+    assert grads_missing(model, loss) == []
 
 
-def test_3d_volume():
+def test_3d_volume(grads_missing):
     torch.manual_seed(0)
     model = build_model(dict(TINY, in_channels=1, spatial_dims=3, resolution=16,
                              attn_resolutions=(8,), tanh_out=True))
@@ -71,7 +70,7 @@ def test_3d_volume():
     assert out.recon.shape == x.shape and out.recon.abs().max() <= 1
     assert model.latent_shape == (4, 8, 8, 8)
     assert model.encode_latent(x).shape == (1, 4, 8, 8, 8)
-    assert grads_reach_all(model, out.recon.mean() + out.posterior.kl().mean()) == []
+    assert grads_missing(model, out.recon.mean() + out.posterior.kl().mean()) == []
 
 
 def test_down_channels_and_norm_default():
@@ -133,3 +132,18 @@ def test_discriminator_3d_and_r1():
     x = torch.randn(2, 3, 32, 32, requires_grad=True)
     (g,) = torch.autograd.grad(d(x).sum(), x, create_graph=True)
     g.square().sum().backward()
+
+
+def test_channels_last_option_matches(grads_missing):
+    torch.manual_seed(0)
+    a = build_model(TINY).eval()
+    b = build_model(dict(TINY, channels_last=True)).eval()
+    b.load_state_dict(a.state_dict())
+    assert b.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ra, rb = a(x, sample_posterior=False)[0], b(x, sample_posterior=False)[0]
+    assert (ra - rb).abs().max() < 1e-4
+    b.train()
+    out = b.ae_forward(x)
+    assert grads_missing(b, out.recon.mean() + out.posterior.kl().mean()) == []

@@ -30,6 +30,10 @@ CONFIGS = {
                                layers_per_block=1, latent_channels=2, norm_num_groups=8,
                                sample_size=16, use_quant_conv=False, use_post_quant_conv=False,
                                scaling_factor=0.3, shift_factor=0.1),
+    "gelu_1level": dict(in_channels=4, out_channels=1, block_out_channels=(8,),
+                        down_block_types=("AttnDownEncoderBlock2D",),
+                        up_block_types=("UpDecoderBlock2D",), layers_per_block=3,
+                        latent_channels=1, norm_num_groups=2, sample_size=8, act_fn="gelu"),
 }
 
 
@@ -105,7 +109,8 @@ def test_export_round_trip(tmp_path):
     ema = build_model(mcfg)
     _perturb_norms(ema)
     ckpt = {"format": 1, "config": {"model": mcfg, "seed": 0}, "model": ours.state_dict(),
-            "ema": ema.state_dict(), "stage": "vae_warmup"}
+            "ema": {"weights": ema.state_dict(), "num_updates": 3, "decay": 0.999},
+            "stage": "vae_warmup"}
     torch.save(ckpt, tmp_path / "best.pt")
     out = export_diffusers(tmp_path / "best.pt", tmp_path / "export")
     assert (out / "config.json").exists() and (out / "diffusion_pytorch_model.safetensors").exists()

@@ -37,8 +37,8 @@ def config_from_diffusers(dcfg: dict[str, Any]) -> dict[str, Any]:
     """diffusers AutoencoderKL config -> vaeflow AutoencoderKL keyword arguments."""
     dcfg = dict(dcfg)
     act = dcfg.get("act_fn", "silu")
-    if act not in ("silu", "swish"):
-        raise NotImplementedError(f"act_fn={act!r}: vaeflow's AutoencoderKL uses SiLU only")
+    if act not in ("silu", "swish", "gelu", "mish", "relu"):
+        raise NotImplementedError(f"act_fn={act!r}")
     chans = tuple(int(c) for c in dcfg.get("block_out_channels", (64,)))
     n = len(chans)
     down_types = tuple(dcfg.get("down_block_types", ("DownEncoderBlock2D",) * n))
@@ -68,7 +68,8 @@ def config_from_diffusers(dcfg: dict[str, Any]) -> dict[str, Any]:
                use_quant_conv=bool(dcfg.get("use_quant_conv", True)),
                use_post_quant_conv=bool(dcfg.get("use_post_quant_conv", True)),
                latent_scale=float(dcfg.get("scaling_factor", 0.18215)),
-               latent_shift=float(dcfg.get("shift_factor") or 0.0))
+               latent_shift=float(dcfg.get("shift_factor") or 0.0),
+               act="silu" if act == "swish" else act)
     if dec_attn != enc_attn:
         cfg["dec_attn_resolutions"] = dec_attn
     return cfg
@@ -97,7 +98,7 @@ def config_to_diffusers(model: AutoencoderKL) -> dict[str, Any]:
     return dict(in_channels=c["in_channels"], out_channels=c["out_channels"],
                 down_block_types=["AttnDownEncoderBlock2D" if a else "DownEncoderBlock2D" for a in enc],
                 up_block_types=["AttnUpDecoderBlock2D" if a else "UpDecoderBlock2D" for a in dec],
-                block_out_channels=chans, layers_per_block=c["num_res_blocks"], act_fn="silu",
+                block_out_channels=chans, layers_per_block=c["num_res_blocks"], act_fn=c["act"],
                 latent_channels=c["embed_dim"], norm_num_groups=c["norm_groups"],
                 sample_size=res[0] if res[0] == res[1] else list(res),
                 scaling_factor=c["latent_scale"],

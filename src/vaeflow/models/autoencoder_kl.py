@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .base import AEOutput, DiagonalGaussian, load_weights
+from .base import AEOutput, DiagonalGaussian, load_weights, set_memory_format
 from .blocks import Decoder, Encoder, conv_nd, default_norm_groups
 
 LATENT_SCALE = 0.18215
@@ -59,6 +59,9 @@ class AutoencoderKL(nn.Module):
         use_quant_conv / use_post_quant_conv: the 1x1 latent projections (diffusers may drop them).
         latent_scale, latent_shift: `encode(normalize=True)` returns (z - shift) * scale and
             `decode(denorm=True)` inverts it (SD: scale 0.18215, shift 0).
+        act: ResBlock activation ("silu" (SD), "gelu", "mish", "relu"); heads stay SiLU.
+        channels_last: keep weights and activations NHWC (NDHWC in 3D); faster fp32 convs on
+            CPU and GPU. Numerics differ from NCHW only by rounding.
         ckpt_path: weights to load; without it a warning says the model starts from scratch.
     """
 
@@ -69,11 +72,13 @@ class AutoencoderKL(nn.Module):
                  resolution: int | Sequence[int] = 256, base_ch: int = 128,
                  ch_mult: Sequence[int] = (1, 2, 4, 4), down_channels: Sequence[int] | None = None,
                  num_res_blocks: int = 2, attn_resolutions: Sequence[int] = (),
-                 dec_attn_resolutions: Sequence[int] | None = None, z_channels: int | None = None, embed_dim: int = 4, double_z: bool = True,
+                 dec_attn_resolutions: Sequence[int] | None = None, z_channels: int | None = None,
+                 embed_dim: int = 4, double_z: bool = True,
                  norm_groups: int | None = None, dropout: float = 0.0, mid_attn: bool = True,
                  tanh_out: bool = False, spatial_dims: int = 2, use_quant_conv: bool = True,
                  use_post_quant_conv: bool = True, latent_scale: float = LATENT_SCALE,
-                 latent_shift: float = 0.0, ckpt_path: str | None = None, codebook_size: int | None = None):
+                 latent_shift: float = 0.0, act: str = "silu", channels_last: bool = False,
+                 ckpt_path: str | None = None, codebook_size: int | None = None):
         super().__init__()
         del codebook_size  # KL models ignore a codebook size left in the config
         if spatial_dims not in (2, 3):
@@ -100,7 +105,7 @@ class AutoencoderKL(nn.Module):
         run_res = min(self.resolution)
         common = dict(channels=channels, num_res_blocks=num_res_blocks, z_channels=z_channels,
                       resolution=run_res, norm_groups=norm_groups, dropout=dropout,
-                      mid_attn=mid_attn, dims=spatial_dims)
+                      mid_attn=mid_attn, dims=spatial_dims, act=act)
         self.encoder = Encoder(in_channels=in_channels, stem_channels=stem, double_z=double_z,
                                attn_resolutions=attn_resolutions, **common)
         self.decoder = Decoder(out_channels=out_channels, tanh_out=tanh_out,
@@ -129,14 +134,16 @@ class AutoencoderKL(nn.Module):
                            norm_groups=norm_groups, dropout=dropout, mid_attn=mid_attn,
                            tanh_out=tanh_out, spatial_dims=spatial_dims,
                            use_quant_conv=use_quant_conv, use_post_quant_conv=use_post_quant_conv,
-                           latent_scale=latent_scale, latent_shift=latent_shift)
+                           latent_scale=latent_scale, latent_shift=latent_shift, act=act,
+                           channels_last=channels_last)
+        self.memory_format = set_memory_format(self, channels_last, spatial_dims)
         load_weights(self, ckpt_path, convert=_maybe_from_diffusers_keys)
 
     # -- SD-style API -------------------------------------------------------------------------
     def encode(self, x: torch.Tensor, normalize: bool = False, sample_posterior: bool = False):
         """Posterior q(z|x); with `normalize=True` the latent tensor (mode, or a sample when
         `sample_posterior`) times `latent_scale`, ready for a diffusion model."""
-        moments = self.quant_conv(self.encoder(x))
+        moments = self.quant_conv(self.encoder(x.contiguous(memory_format=self.memory_format)))
         if self.double_z:
             posterior = DiagonalGaussian(moments)
         else:
@@ -151,6 +158,7 @@ class AutoencoderKL(nn.Module):
         """Reconstruction from a latent; `denorm=True` first undoes `encode(normalize=True)`."""
         if denorm:
             z = z / self.latent_scale + self.latent_shift
+        z = z.contiguous(memory_format=self.memory_format)
         return self.decoder(self.post_quant_conv(z))
 
     def forward(self, x: torch.Tensor, sample_posterior: bool = True):

@@ -103,12 +103,13 @@ _STRIP_PREFIXES = ("first_stage_model.", "module.", "_orig_mod.", "model.")
 def extract_state_dict(obj: Any) -> dict[str, torch.Tensor]:
     """Pull a model state dict out of whatever `torch.load` returned.
 
-    Accepts a raw state dict, a vaeflow checkpoint (``ema`` preferred, else ``model``), a
-    Lightning/LDM checkpoint (``state_dict``), or an EMA wrapper dict (``shadow``/``module``).
+    Accepts a raw state dict, a vaeflow checkpoint (``ema`` preferred, else ``model``; the EMA
+    entry may itself be ``{"weights": state_dict, "num_updates": ...}``), a Lightning/LDM
+    checkpoint (``state_dict``), or an EMA wrapper dict (``shadow``/``module``).
     """
     if not isinstance(obj, dict):
         raise TypeError(f"checkpoint is a {type(obj).__name__}, expected a dict")
-    for key in ("ema", "model", "state_dict", "shadow", "module", "params", "ema_model"):
+    for key in ("ema", "model", "state_dict", "weights", "shadow", "module", "params", "ema_model"):
         sub = obj.get(key)
         if isinstance(sub, dict) and sub:
             if all(isinstance(v, torch.Tensor) for v in sub.values()):
@@ -163,3 +164,12 @@ def load_weights(model: torch.nn.Module, ckpt_path: str | None, *, strict: bool 
         raise RuntimeError(f"{type(model).__name__}: checkpoint {ckpt_path} does not match the "
                            f"model: missing {missing[:8]} ({len(missing)}), unexpected "
                            f"{unexpected[:8]} ({len(unexpected)})")
+
+
+def set_memory_format(module: torch.nn.Module, channels_last: bool, spatial_dims: int):
+    """Convert `module` to channels-last when asked; return the input memory format to use."""
+    if not channels_last:
+        return torch.contiguous_format
+    fmt = torch.channels_last if spatial_dims == 2 else torch.channels_last_3d
+    module.to(memory_format=fmt)
+    return fmt

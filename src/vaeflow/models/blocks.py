@@ -65,13 +65,23 @@ def _memory_format_of(w: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+ACTIVATIONS = {"silu": F.silu, "swish": F.silu, "gelu": F.gelu, "mish": F.mish, "relu": F.relu}
+
+
+def get_act(name: str):
+    if name not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {name!r}")
+    return ACTIVATIONS[name]
+
+
 class ResnetBlock(nn.Module):
     """GroupNorm -> SiLU -> conv3 -> GroupNorm -> SiLU -> dropout -> conv3, plus a (1x1) shortcut."""
 
     def __init__(self, in_channels: int, out_channels: int | None = None, *, dims: int = 2,
                  norm_groups: int = 32, dropout: float = 0.0, eps: float = 1e-6,
-                 causal: bool = False):
+                 causal: bool = False, act: str = "silu"):
         super().__init__()
+        self.act = get_act(act)
         out_channels = in_channels if out_channels is None else out_channels
         self.in_channels, self.out_channels = in_channels, out_channels
         self.norm1 = Normalize(in_channels, norm_groups, eps)
@@ -85,8 +95,8 @@ class ResnetBlock(nn.Module):
             self.nin_shortcut = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        h = self.conv1(self.act(self.norm1(x)))
+        h = self.conv2(self.dropout(self.act(self.norm2(h))))
         if self.nin_shortcut is not None:
             if self.training:  # as diffusers (DDP stride warning); keeps NHWC for NHWC weights
                 x = x.contiguous(memory_format=_memory_format_of(self.nin_shortcut.weight))
@@ -173,9 +183,10 @@ class Encoder(nn.Module):
                  num_res_blocks: int, z_channels: int, double_z: bool = True,
                  attn_resolutions: Sequence[int] = (), resolution: int = 256,
                  norm_groups: int = 32, dropout: float = 0.0, mid_attn: bool = True, dims: int = 2,
-                 causal: bool = False):
+                 causal: bool = False, act: str = "silu"):
         super().__init__()
         kw = dict(dims=dims, norm_groups=norm_groups, causal=causal)
+        rkw = dict(kw, act=act)
         self.num_resolutions = len(channels)
         self.num_res_blocks = num_res_blocks
         self.conv_in = conv_nd(dims, in_channels, stem_channels, 3, 1, 1, causal=causal)
@@ -187,7 +198,7 @@ class Encoder(nn.Module):
             down.block = nn.ModuleList()
             down.attn = nn.ModuleList()
             for _ in range(num_res_blocks):
-                down.block.append(ResnetBlock(block_in, block_out, dropout=dropout, **kw))
+                down.block.append(ResnetBlock(block_in, block_out, dropout=dropout, **rkw))
                 block_in = block_out
                 if curr_res in attn_resolutions:
                     down.attn.append(AttnBlock(block_in, **kw))
@@ -196,9 +207,9 @@ class Encoder(nn.Module):
                 curr_res = curr_res // 2
             self.down.append(down)
         self.mid = nn.Module()
-        self.mid.block_1 = ResnetBlock(block_in, block_in, dropout=dropout, **kw)
+        self.mid.block_1 = ResnetBlock(block_in, block_in, dropout=dropout, **rkw)
         self.mid.attn_1 = AttnBlock(block_in, **kw) if mid_attn else nn.Identity()
-        self.mid.block_2 = ResnetBlock(block_in, block_in, dropout=dropout, **kw)
+        self.mid.block_2 = ResnetBlock(block_in, block_in, dropout=dropout, **rkw)
         self.norm_out = Normalize(block_in, norm_groups)
         self.conv_out = conv_nd(dims, block_in, 2 * z_channels if double_z else z_channels, 3, 1, 1,
                                 causal=causal)
@@ -227,9 +238,10 @@ class Decoder(nn.Module):
     def __init__(self, *, out_channels: int, channels: Sequence[int], num_res_blocks: int,
                  z_channels: int, attn_resolutions: Sequence[int] = (), resolution: int = 256,
                  norm_groups: int = 32, dropout: float = 0.0, mid_attn: bool = True,
-                 tanh_out: bool = False, dims: int = 2, causal: bool = False):
+                 tanh_out: bool = False, dims: int = 2, causal: bool = False, act: str = "silu"):
         super().__init__()
         kw = dict(dims=dims, norm_groups=norm_groups, causal=causal)
+        rkw = dict(kw, act=act)
         self.num_resolutions = len(channels)
         self.num_res_blocks = num_res_blocks
         self.tanh_out = tanh_out
@@ -237,9 +249,9 @@ class Decoder(nn.Module):
         curr_res = resolution // 2 ** (self.num_resolutions - 1)
         self.conv_in = conv_nd(dims, z_channels, block_in, 3, 1, 1, causal=causal)
         self.mid = nn.Module()
-        self.mid.block_1 = ResnetBlock(block_in, block_in, dropout=dropout, **kw)
+        self.mid.block_1 = ResnetBlock(block_in, block_in, dropout=dropout, **rkw)
         self.mid.attn_1 = AttnBlock(block_in, **kw) if mid_attn else nn.Identity()
-        self.mid.block_2 = ResnetBlock(block_in, block_in, dropout=dropout, **kw)
+        self.mid.block_2 = ResnetBlock(block_in, block_in, dropout=dropout, **rkw)
         ups = []
         for i_level in reversed(range(self.num_resolutions)):
             block_out = channels[i_level]
@@ -247,7 +259,7 @@ class Decoder(nn.Module):
             up.block = nn.ModuleList()
             up.attn = nn.ModuleList()
             for _ in range(num_res_blocks + 1):
-                up.block.append(ResnetBlock(block_in, block_out, dropout=dropout, **kw))
+                up.block.append(ResnetBlock(block_in, block_out, dropout=dropout, **rkw))
                 block_in = block_out
                 if curr_res in attn_resolutions:
                     up.attn.append(AttnBlock(block_in, **kw))

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .autoencoder_kl import _resolve_channels, _spatial
-from .base import AEOutput, load_weights
+from .base import AEOutput, load_weights, set_memory_format
 from .blocks import Decoder, Encoder, conv_nd, default_norm_groups
 from .quantizers import VectorQuantizer
 
@@ -33,9 +33,9 @@ class VQVAE(nn.Module):
                  num_res_blocks: int = 2, attn_resolutions: Sequence[int] = (),
                  z_channels: int | None = None, embed_dim: int = 4, norm_groups: int | None = None,
                  dropout: float = 0.0, mid_attn: bool = True, tanh_out: bool = False,
-                 spatial_dims: int = 2, causal: bool | None = None,
+                 spatial_dims: int = 2, causal: bool | None = None, act: str = "silu",
                  codebook_size: int = 1024, beta: float = 0.25, ema: bool = True,
-                 decay: float = 0.99, dead_code_threshold: float = 1.0,
+                 decay: float = 0.99, dead_code_threshold: float = 1.0, channels_last: bool = False,
                  ckpt_path: str | None = None, **quantizer_kwargs: Any):
         super().__init__()
         if spatial_dims not in (2, 3):
@@ -52,13 +52,14 @@ class VQVAE(nn.Module):
         if norm_groups is None:
             norm_groups = default_norm_groups([stem, *channels])
         self.spatial_dims = spatial_dims
+        self.causal = causal
         self.resolution = _spatial(resolution, spatial_dims)
         self.channels = tuple(channels)
         self.embed_dim = embed_dim
         common = dict(channels=channels, num_res_blocks=num_res_blocks, z_channels=z_channels,
                       attn_resolutions=tuple(attn_resolutions), resolution=min(self.resolution),
                       norm_groups=norm_groups, dropout=dropout, mid_attn=mid_attn,
-                      dims=spatial_dims, causal=causal)
+                      dims=spatial_dims, causal=causal, act=act)
         self.encoder = Encoder(in_channels=in_channels, stem_channels=stem, double_z=False, **common)
         self.decoder = Decoder(out_channels=out_channels, tanh_out=tanh_out, **common)
         self.quant_conv = conv_nd(spatial_dims, z_channels, embed_dim, 1)
@@ -68,8 +69,10 @@ class VQVAE(nn.Module):
                            num_res_blocks=num_res_blocks, attn_resolutions=tuple(attn_resolutions),
                            z_channels=z_channels, embed_dim=embed_dim, norm_groups=norm_groups,
                            dropout=dropout, mid_attn=mid_attn, tanh_out=tanh_out,
-                           spatial_dims=spatial_dims, causal=causal,
-                           codebook_size=self.quantize.codebook_size, **quantizer_kwargs)
+                           spatial_dims=spatial_dims, causal=causal, act=act,
+                           codebook_size=self.quantize.codebook_size, channels_last=channels_last,
+                           **quantizer_kwargs)
+        self.memory_format = set_memory_format(self, channels_last, spatial_dims)
         load_weights(self, ckpt_path)
 
     def _make_quantizer(self, *, codebook_size, embed_dim, beta, ema, decay, dead_code_threshold,
@@ -82,9 +85,11 @@ class VQVAE(nn.Module):
     # -- taming-style API ---------------------------------------------------------------------
     def encode(self, x: torch.Tensor):
         """-> (quantized latent, reg_loss, info with `indices` and stats)."""
-        return self.quantize(self.quant_conv(self.encoder(x)))
+        h = self.encoder(x.contiguous(memory_format=self.memory_format))
+        return self.quantize(self.quant_conv(h))
 
     def decode(self, z_q: torch.Tensor) -> torch.Tensor:
+        z_q = z_q.contiguous(memory_format=self.memory_format)
         return self.decoder(self.post_quant_conv(z_q))
 
     def decode_code(self, indices: torch.Tensor) -> torch.Tensor:
@@ -109,8 +114,11 @@ class VQVAE(nn.Module):
 
     @property
     def latent_shape(self) -> tuple[int, ...]:
-        f = 2 ** (len(self.channels) - 1)
-        return (self.embed_dim, *(-(-r // f) for r in self.resolution))
+        sizes = list(self.resolution)
+        for _ in range(len(self.channels) - 1):  # Downsample: floor(r / 2); causal depth: ceil
+            sizes = [(-(-r // 2) if (i == 0 and self.causal and self.spatial_dims == 3) else r // 2)
+                     for i, r in enumerate(sizes)]
+        return (self.embed_dim, *sizes)
 
     def sample_prior(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """Codes drawn uniformly from the codebook (VQ models have no learned prior here)."""

@@ -1,6 +1,6 @@
 """The staged trainer. `run_stage` trains one stage; `train` runs them all (library API)."""
 
-from vaeflow.train.stage import StageTrainer, prior_artifact, run_stage
+from vaeflow.trainer.stage import StageTrainer, prior_artifact, run_stage
 
 __all__ = ["StageTrainer", "prior_artifact", "run_stage", "train"]
 

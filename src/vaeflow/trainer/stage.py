@@ -27,12 +27,12 @@ from torch import nn
 from vaeflow import checkpoint as ckpt
 from vaeflow.config import fingerprint, resolve_steps, stage_index, stage_names, stage_view
 from vaeflow.losses import AdversarialLoss, KLLoss, PerceptualLoss, ReconstructionLoss, total_correlation
-from vaeflow.train import rng
-from vaeflow.train.batches import BatchFetcher, batches_per_epoch, epoch_order
-from vaeflow.train.device import resolve_device
-from vaeflow.train.distributed import Dist, init_from_env
-from vaeflow.train.ema import EMA
-from vaeflow.train.optim import build_optimizer, build_scheduler
+from vaeflow.trainer import rng
+from vaeflow.trainer.batches import BatchFetcher, batches_per_epoch, epoch_order
+from vaeflow.trainer.device import resolve_device
+from vaeflow.trainer.distributed import Dist, init_from_env
+from vaeflow.trainer.ema import EMA
+from vaeflow.trainer.optim import build_optimizer, build_scheduler
 
 N_FIXED_SAMPLES = 20  # the same validation images in every grid (seed 000)
 

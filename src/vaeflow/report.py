@@ -142,7 +142,8 @@ def summary_table(metrics: dict[str, dict]) -> pd.DataFrame:
         row["stage"] = stage
         rows.append(row)
     df = pd.DataFrame(rows, columns=[name for _, name in SUMMARY_COLUMNS])
-    return df.dropna(axis=1, how="all")
+    keep = {"stage", "mse", "psnr", "ssim", "lpips"}  # lpips stays even when no stage could compute it
+    return df[[c for c in df.columns if c in keep or df[c].notna().any()]]
 
 
 def _display(df: pd.DataFrame, metrics: dict[str, dict]) -> pd.DataFrame:

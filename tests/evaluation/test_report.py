@@ -82,6 +82,7 @@ def test_cli_curves_and_summary(kl_run, tmp_path, capsys):
     stages = pd.read_csv(results / "summary.csv")["stage"].tolist()
     assert stages == [s["name"] for s in yaml.safe_load(TINY.read_text())["training"]["pipeline"]["steps"]]
     assert (results / "summary.md").exists() and (results / "summary.html").exists()
+    assert "| stage | mse | psnr | ssim | lpips |" in (results / "summary.md").read_text()  # lpips column kept, empty
 
 
 def test_rule_outputs_match_what_the_commands_write():

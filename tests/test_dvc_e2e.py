@@ -26,6 +26,16 @@ def git_dvc_repo(project):
     return project
 
 
+def push_and_clone(project, tmp_path):
+    """dvc push to a local-directory remote, commit, and git clone into a fresh directory."""
+    run(["dvc", "remote", "add", "-d", "local", str(tmp_path / "remote")], project)
+    run(["dvc", "push"], project)
+    run("git add -A && git commit -qm experiment", project)
+    clone = tmp_path / "clone"
+    run(["git", "clone", "-q", str(project), str(clone)], tmp_path)
+    return clone
+
+
 def snakemake_dag(project) -> tuple[set[str], set[tuple[str, str]]]:
     """Jobs and edges from a forced dry run: job i -> j when j consumes a file i produces."""
     plan = run(["snakemake", "-n", "--forceall", "--cores", "1"], project).stdout
@@ -97,12 +107,7 @@ def test_repro_push_pull_and_snakemake_trusts_pulled_outputs(project, tmp_path):
         "train_vae_gan", "evaluate_vae_gan", "sample_vae_gan", "curves_vae_gan", "summary"}
 
     # Push to a local-directory remote, clone, pull: nothing retrains in either runner.
-    remote = tmp_path / "remote"
-    run(["dvc", "remote", "add", "-d", "local", str(remote)], project)
-    run(["dvc", "push"], project)
-    run("git add -A && git commit -qm experiment", project)
-    clone = tmp_path / "clone"
-    run(["git", "clone", "-q", str(project), str(clone)], tmp_path)
+    clone = push_and_clone(project, tmp_path)
     run(["dvc", "pull"], clone)
     assert (clone / "results" / "vae_gan" / "best.pt").exists()
     assert "up to date" in run(["dvc", "status"], clone).stdout.lower()
@@ -152,12 +157,7 @@ def test_dvc_added_raw_images_feed_prepare_and_travel_through_a_remote(project, 
     run(["dvc", "add", "data/raw/shapes"], project)
     run(["dvc", "repro", "prepare"], project)
 
-    remote = tmp_path / "remote"
-    run(["dvc", "remote", "add", "-d", "local", str(remote)], project)
-    run(["dvc", "push"], project)
-    run("git add -A && git commit -qm data", project)
-    clone = tmp_path / "clone"
-    run(["git", "clone", "-q", str(project), str(clone)], tmp_path)
+    clone = push_and_clone(project, tmp_path)
     run(["dvc", "pull", "data/raw/shapes.dvc", "prepare"], clone)
     assert len(list((clone / "data" / "raw" / "shapes").glob("*.png"))) == 41
     assert (clone / "results" / "data" / "train.npy").exists()

@@ -155,3 +155,14 @@ def test_training_refuses_data_prepared_for_another_config(tmp_path, data_dir):
     (tmp_path / "data").symlink_to(data_dir / "data")
     with pytest.raises(DataError, match=r"manifest.json was prepared from another data: section \(image_size: 8 \(config wants 12\)\)"):
         run_stage(config, "vae_warmup", tmp_path)
+
+
+def test_too_deep_discriminator_is_a_config_error_before_training(tmp_path, data_dir):
+    raw = yaml.safe_load(TINY.read_text())
+    raw["discriminator"]["n_layers"] = 4  # 8x8 images: the PatchGAN runs out of pixels
+    raw["training"]["pipeline"]["steps"] = [{"name": "s", "n_epochs": 1, "gan_training": True}]
+    config = cfg.validate(raw)
+    (tmp_path / "data").symlink_to(data_dir / "data")
+    with pytest.raises(cfg.ConfigError, match=r"discriminator.n_layers: 4 layers are too deep for images of shape \(1, 8, 8\)"):
+        run_stage(config, "s", tmp_path)
+    assert not (tmp_path / "s" / "running" / "last.pt").exists()

@@ -178,6 +178,7 @@ class StageTrainer:
             self.discriminator = build_discriminator(config["discriminator"], in_ch, self.spatial_dims).to(self.disc_device)
             if prior is not None and prior.get("discriminator") is not None:
                 self.discriminator.load_state_dict(prior["discriminator"])
+            self._check_discriminator_fits(train_ds)
 
         self._apply_freeze()
 
@@ -251,6 +252,24 @@ class StageTrainer:
                 module.requires_grad_(False)
         if self.discriminator is not None and "discriminator" in self.frozen:
             self.discriminator.requires_grad_(False)
+
+    def _check_discriminator_fits(self, dataset) -> None:
+        """A PatchGAN too deep for the image size fails inside conv; say which key to change."""
+        item = dataset[0]
+        x = (item[0] if isinstance(item, (tuple, list)) else item)[None].float().to(self.disc_device)
+        try:
+            with torch.no_grad():
+                self.discriminator.eval()(x)
+        except RuntimeError as exc:
+            from vaeflow.config import ConfigError
+
+            raise ConfigError(
+                "discriminator.n_layers",
+                f"{self.config['discriminator']['n_layers']} layers are too deep for images of shape "
+                f"{tuple(x.shape[1:])}; use fewer ({exc})",
+            ) from None
+        finally:
+            self.discriminator.train()
 
     def _prior_noise(self, n: int, generator: torch.Generator) -> torch.Tensor:
         if hasattr(self.model, "sample_prior"):

@@ -260,7 +260,7 @@ class StageTrainer:
         try:
             with torch.no_grad():
                 self.discriminator.eval()(x)
-        except RuntimeError as exc:
+        except (RuntimeError, ValueError) as exc:  # conv kernel or norm larger than what is left
             from vaeflow.config import ConfigError
 
             raise ConfigError(

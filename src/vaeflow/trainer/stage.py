@@ -111,12 +111,15 @@ class _Meter:
     count: int = 0
 
     def add(self, values: dict) -> None:
+        """Values may be 0-d tensors: they stay on the device until `means()`, so the
+        training loop does not wait for the GPU after every batch."""
         self.count += 1
         for k, v in values.items():
-            self.sums[k] = self.sums.get(k, 0.0) + float(v)
+            v = v.detach() if torch.is_tensor(v) else v
+            self.sums[k] = self.sums.get(k, 0.0) + v
 
     def means(self) -> dict:
-        return {k: v / max(1, self.count) for k, v in self.sums.items()}
+        return {k: float(v) / max(1, self.count) for k, v in self.sums.items()}
 
 
 class StageTrainer:
@@ -367,8 +370,9 @@ class StageTrainer:
                     d_loss, d_raw = self.adv_loss.discriminator(self.discriminator, chunk.to(self.disc_device), recon.to(self.disc_device))
                 self.scaler.scale(d_loss * scale).backward()
                 logs["d_loss"] = d_raw
-            meter.add({k: float(v) for k, v in logs.items()})
-        return meter.means()
+            meter.add(logs)
+        # Per-chunk values averaged, still as tensors: converted once per log line.
+        return {k: v / meter.count for k, v in meter.sums.items()}
 
     def _optimizer_step(self) -> None:
         clip = self.step["grad_clip"]

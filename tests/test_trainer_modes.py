@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 
 import pytest
@@ -12,7 +11,7 @@ import yaml
 from support import TINY, run
 from vaeflow import checkpoint as ckpt
 from vaeflow import config as cfg
-from vaeflow.data import PreparedDataset, prepare_dataset
+from vaeflow.data import prepare_dataset
 from vaeflow.trainer import run_stage
 
 

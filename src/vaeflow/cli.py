@@ -7,7 +7,6 @@ print one line and exit 2; nothing is written.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 

@@ -3,7 +3,6 @@ the prepared dir is written atomically."""
 
 import io
 import json
-import os
 
 import numpy as np
 import pytest

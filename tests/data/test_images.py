@@ -1,11 +1,9 @@
-import json
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from vaeflow.data import DataError, PreparedDataset, prepare_dataset
+from vaeflow.data import PreparedDataset, prepare_dataset
 
 
 def _rgb(seed, h=20, w=24):

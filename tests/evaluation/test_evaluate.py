@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from .conftest import TINY, TinyMLPVAE, TinyVQ, save_checkpoint, tiny_config
+from .conftest import TINY, TinyMLPVAE, TinyVQ, tiny_config
 from vaeflow import evaluate as E
 from vaeflow import metrics as M
 from vaeflow.data import PreparedDataset

@@ -202,49 +202,6 @@ def _check_semantics(config: dict, source: str | None) -> None:
         raise ConfigError("data.split", "val + test must leave a non-empty train split", source)
 
 
-def check_code_level(config: dict) -> None:
-    """Checks that need code, not just the schema: model options, LPIPS weights on disk."""
-    import os
-    import warnings
-
-    from vaeflow.losses.perceptual import check_lpips_weights
-    from vaeflow.models import build_model
-
-    try:
-        with warnings.catch_warnings():  # "starts from scratch": expected when only checking
-            warnings.simplefilter("ignore")
-            model = build_model(config["model"])
-    except (TypeError, ValueError) as exc:
-        raise ConfigError("model", str(exc)) from None
-    _check_latent_indices(config, model)
-    if os.environ.get("VAEFLOW_LPIPS_RANDOM_BACKBONE") == "1":
-        return
-    for i, step in enumerate(resolve_steps(config)):
-        if step["use_lpips"]:
-            try:
-                check_lpips_weights(step["lpips_net"])
-            except RuntimeError as exc:
-                raise ConfigError(f"training.pipeline.steps[{i}].use_lpips", str(exc)) from None
-
-
-def _check_latent_indices(config: dict, model) -> None:
-    """sampling.latent_dims / traversal_dims index the flattened latent of this model."""
-    import math
-
-    n = math.prod(getattr(model, "latent_shape", ()) or (0,))
-    if not n:
-        return
-    samp = config.get("sampling") or {}
-    lists = {"latent_dims": samp.get("latent_dims") or []}
-    if isinstance(samp.get("traversal_dims"), list):
-        lists["traversal_dims"] = samp["traversal_dims"]
-    for key, dims in lists.items():
-        bad = [d for d in dims if d >= n]
-        if bad:
-            shape = "x".join(map(str, model.latent_shape))
-            raise ConfigError(f"sampling.{key}", f"{bad} out of range: the model's latent ({shape}) has {n} dimensions, indices 0..{n - 1}")
-
-
 def stage_metrics(step: dict) -> set[str]:
     """Names of the metrics a stage logs (and may transition on)."""
     names = set(_METRICS_ALWAYS) | {"kl_loss", "val_loss"}

@@ -28,6 +28,7 @@ import torch
 
 from vaeflow import metrics as M
 from vaeflow.checkpoint import atomic_write
+from vaeflow.layout import StageLayout
 from vaeflow.metrics import to_model_range as _to_model_range
 from vaeflow.metrics import to_unit as _to_unit
 from vaeflow.models.loading import load_autoencoder
@@ -433,7 +434,7 @@ def iter_stage_metrics(results: str | Path, stages: Iterable[str]) -> dict[str, 
     """{stage: metrics.json contents} for the stages that have one."""
     out = {}
     for s in stages:
-        p = Path(results) / s / "eval" / "metrics.json"
+        p = StageLayout(results, s).eval_metrics
         if p.exists():
             out[s] = json.loads(p.read_text())
     return out

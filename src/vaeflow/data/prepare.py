@@ -21,13 +21,14 @@ from pathlib import Path
 
 import numpy as np
 
+from vaeflow.layout import DATA_FILES, MANIFEST, SPLITS, split_file
+
 from .errors import DataError
 from .sources import SOURCES, get_source
 from .sources.base import Record
 
 MANIFEST_FORMAT = "vaeflow.prepared/1"
-SPLITS = ("train", "val", "test")
-PREPARED_FILES = {f"{s}.npy" for s in SPLITS} | {"manifest.json"}
+PREPARED_FILES = set(DATA_FILES)
 MAX_LISTED_SKIPS = 1000
 
 DEFAULTS: dict = {
@@ -249,7 +250,7 @@ def prepare_dataset(data_cfg: dict, out_dir: str | Path) -> dict:
         groups: dict[str, int] = {}
         for split in SPLITS:
             recs = splits[split]
-            writer = writers[split] = _SplitWriter(tmp / f"{split}.npy", len(recs), dtype)
+            writer = writers[split] = _SplitWriter(tmp / split_file(split), len(recs), dtype)
             kept_groups = set()
             for rec, item in source.iter_items(recs):
                 if not isinstance(item, DataError) and item_shape is not None and item.shape != item_shape:
@@ -298,7 +299,7 @@ def prepare_dataset(data_cfg: dict, out_dir: str | Path) -> dict:
         }
         if hasattr(source, "manifest_extra"):
             manifest.update(source.manifest_extra())
-        with open(tmp / "manifest.json", "w") as fh:
+        with open(tmp / MANIFEST, "w") as fh:
             json.dump(manifest, fh, indent=2, sort_keys=True, default=str)
             fh.write("\n")
             fh.flush()
@@ -335,7 +336,7 @@ def _fmt_shape(shape: tuple) -> str:
 
 
 def load_manifest(root: str | Path) -> dict:
-    path = Path(root) / "manifest.json"
+    path = Path(root) / MANIFEST
     if not path.is_file():
         raise DataError(f"{root} is not a prepared dataset (no manifest.json); run the prepare stage first")
     try:
@@ -357,5 +358,5 @@ def check_prepared(data_cfg: dict, root: str | Path) -> dict:
     diff = sorted(k for k in set(wanted) | set(have) if wanted.get(k) != have.get(k))
     if diff:
         shown = ", ".join(f"{k}: {have.get(k)!r} (config wants {wanted.get(k)!r})" for k in diff[:3])
-        raise DataError(f"{Path(root) / 'manifest.json'} was prepared from another data: section ({shown}); run prepare again")
+        raise DataError(f"{Path(root) / MANIFEST} was prepared from another data: section ({shown}); run prepare again")
     return manifest

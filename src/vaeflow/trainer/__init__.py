@@ -1,8 +1,8 @@
 """The staged trainer. `run_stage` trains one stage; `train` runs them all (library API)."""
 
-from vaeflow.trainer.stage import StageTrainer, prior_artifact, run_stage
+from vaeflow.trainer.stage import StageTrainer, run_stage
 
-__all__ = ["StageTrainer", "prior_artifact", "run_stage", "train"]
+__all__ = ["StageTrainer", "run_stage", "train"]
 
 
 def train(train_ds, config_path, val_ds, results_dir="results") -> list[dict]:

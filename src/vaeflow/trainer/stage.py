@@ -8,12 +8,12 @@ The files a stage writes and how it resumes: trainer/rundir.py.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import torch
 
 from vaeflow import checkpoint as ckpt
 from vaeflow.config import fingerprint, resolve_steps, stage_index, stage_names, stage_view
+from vaeflow.layout import Layout
 from vaeflow.metrics import to_model_range
 from vaeflow.trainer import rng
 from vaeflow.trainer import state as train_state
@@ -26,12 +26,6 @@ from vaeflow.trainer.rundir import RunDir
 from vaeflow.trainer.state import StageId, TrainState
 from vaeflow.trainer.step import TrainStep
 from vaeflow.trainer.validation import N_FIXED_SAMPLES, prior_noise, save_grids, validate
-
-
-def prior_artifact(config: dict, stage: str, results_dir: str | Path) -> Path | None:
-    """The checkpoint a stage starts from: the previous stage's best.pt."""
-    i = stage_index(config, stage)
-    return None if i == 0 else Path(results_dir) / stage_names(config)[i - 1] / "best.pt"
 
 
 class StageTrainer:
@@ -54,7 +48,8 @@ class StageTrainer:
         if len(self.train_data) == 0 or len(self.val_data) == 0:
             raise ValueError(f"stage {stage}: the train and validation splits must not be empty")
 
-        init_path = prior_artifact(config, stage, results_dir)
+        layout = Layout(results_dir)
+        init_path = layout.prior_checkpoint(stage_names(config), stage)
         self.models = build_models(config, stage, s, self.devices, init_path, first_image(train_ds), self.console)
         losses = build_losses(s, self.models.model, self.devices.perc, self.console)
         self.opts = build_optimizers(stage, s, self.models, self.devices)
@@ -68,7 +63,7 @@ class StageTrainer:
         self.id = StageId(config, stage, self.index, self.n_stages, fingerprint(
             {"view": stage_view(config, stage), "init": ckpt.file_digest(init_path) if init_path else None}
         ))
-        self.files = RunDir(Path(results_dir) / stage, self.dist, self.console)
+        self.files = RunDir(layout.stage(stage), self.dist, self.console)
         self.fixed_val = self.val_data.fetch(torch.arange(min(N_FIXED_SAMPLES, len(self.val_data))))
         self.fixed_noise = prior_noise(self.models.model, N_FIXED_SAMPLES, self.seed)
         self._sync_ranks()
@@ -138,7 +133,7 @@ class StageTrainer:
                 sch.step()
         if self.tcfg["sample_every_epoch"] and self.dist.main:
             tag = f"{self.stage}_{self.index + 1:03d}_{st.epoch + 1:03d}_{self.id.fingerprint[:6]}"
-            save_grids(self.models.eval_model(), self.fixed_val, self.fixed_noise, self.devices.main, self.files.samples, tag)
+            save_grids(self.models.eval_model(), self.fixed_val, self.fixed_noise, self.devices.main, self.files.layout, tag)
         improved = val["val_loss"] < st.best_val
         if improved:
             st.best_val = val["val_loss"]
@@ -230,7 +225,7 @@ def run_stage(config: dict, stage: str, results_dir="results", train_ds=None, va
 def _prepared_splits(config: dict, results_dir, train_ds, val_ds):
     from vaeflow.data import PreparedDataset, check_prepared
 
-    data_dir = Path(results_dir) / "data"
+    data_dir = Layout(results_dir).data
     check_prepared(config["data"], data_dir)
     train_ds = train_ds or PreparedDataset(data_dir, "train", binarize=config["data"]["binarize"], seed=config["seed"])
     val_ds = val_ds or PreparedDataset(data_dir, "val", binarize="none", seed=config["seed"])

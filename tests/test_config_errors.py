@@ -63,6 +63,15 @@ def test_unknown_model_option_is_a_config_error():
         check_code_level(c)
 
 
+@pytest.mark.parametrize("key, stage_key", [("beta", "kl_beta"), ("recon_loss", "recon_type")])
+def test_cnn_vae_keys_the_trainer_ignores_name_the_stage_key(key, stage_key):
+    """cnn_vae's own beta / recon_loss would be silently ignored: the stage's loss keys rule."""
+    c = cfg.validate(broken(lambda c: c.update(model={"type": "cnn_vae", "preset": "mnist", key: 1.0})))
+    with pytest.raises(cfg.ConfigError) as err:
+        check_code_level(c)
+    assert err.value.path == f"model.{key}" and f"training.pipeline.defaults.{stage_key}" in str(err.value)
+
+
 def test_lpips_without_backbone_weights_fails_before_training(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch-home"))
     monkeypatch.delenv("VAEFLOW_LPIPS_RANDOM_BACKBONE", raising=False)

@@ -84,7 +84,7 @@ def decode_fn(model):
     p = _param(model)
     if hasattr(model, "decode_logits"):
         return (lambda z: model.decode_logits(z.to(p.dtype)).float()), "logits"
-    signed = getattr(model, "input_range", "signed") == "signed"
+    signed = model.input_range == "signed"
 
     def mean(z):
         out = model.decode_latent(z.to(p.dtype)).float()
@@ -158,7 +158,7 @@ def choose_likelihood(model, recon_type: str | None, eval_cfg: dict, levels: int
     """
     kind = eval_cfg.get("likelihood", "auto")
     if kind == "auto":
-        unit = getattr(model, "input_range", "signed") == "unit"
+        unit = model.input_range == "unit"
         kind = "bernoulli" if (recon_type in ("bce", "bce_focal") or unit) else "discretized_gaussian"
     if kind == "bernoulli":
         return M.Likelihood("bernoulli")

@@ -23,6 +23,8 @@ def check_code_level(config: dict) -> None:
         with warnings.catch_warnings():  # "starts from scratch": expected when only checking
             warnings.simplefilter("ignore")
             model = build_model(config["model"])
+    except ConfigError:
+        raise
     except (TypeError, ValueError) as exc:
         raise ConfigError("model", str(exc)) from None
     _check_latent_indices(config, model)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import AEOutput, DiagonalGaussian, load_weights
+from .base import AEOutput, Autoencoder, DiagonalGaussian, load_weights
 
 
 class VAELoss(NamedTuple):
@@ -31,11 +31,10 @@ class VAELoss(NamedTuple):
     kl: torch.Tensor
 
 
-class VAEBase(nn.Module):
-    """Seed 004's VAE base class. Subclasses set `latent_dim` and implement encode/decode."""
+class VAEBase(Autoencoder):
+    """A VAE with a flat latent. Subclasses set `latent_dim` and implement encode/decode."""
 
     latent_dim: int
-    input_range = "signed"
 
     def __init__(self, beta: float = 1.0, recon_loss: str = "mse"):
         super().__init__()
@@ -93,19 +92,9 @@ class VAEBase(nn.Module):
         z = posterior.sample() if sample_posterior else posterior.mode()
         return AEOutput(recon=self.decode(z), posterior=posterior, reg_loss=None, stats={})
 
-    def encode_latent(self, x: torch.Tensor) -> torch.Tensor:
-        return self.encode(x)[0]
-
-    def decode_latent(self, z: torch.Tensor) -> torch.Tensor:
-        return self.decode(z)
-
     @property
     def latent_shape(self) -> tuple[int, ...]:
         return (self.latent_dim,)
-
-    def sample_prior(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        device, dtype = self._device_dtype()
-        return torch.randn((n, self.latent_dim), generator=generator, device=device, dtype=dtype)
 
 
 def _act(slope: float) -> nn.Module:
@@ -256,13 +245,21 @@ class CelebaVAE(CNNVAE):
 
 _CNN_KEYS = {"in_channels", "out_channels", "image_size", "hidden_dims", "latent_dim",
              "kernel_size", "pool_size", "batchnorm", "leaky_slope", "output_activation",
-             "recon_loss", "beta", "input_range", "ckpt_path"}
+             "input_range", "ckpt_path"}
+# CNNVAE options the trainer does not read (it trains with the stage's losses): where to set them.
+_STAGE_KEYS = {"beta": "kl_beta", "recon_loss": "recon_type"}
 
 
 def build_cnn_vae(preset: str = "mnist", **overrides) -> CNNVAE:
     """`type: cnn_vae` builder: `preset` (mnist | celeba) plus any CNNVAE keyword overrides."""
+    from vaeflow.config import ConfigError
+
     if preset not in PRESETS:
         raise ValueError(f"unknown cnn_vae preset {preset!r}; known: {sorted(PRESETS)}")
+    for key, stage_key in _STAGE_KEYS.items():
+        if key in overrides:
+            raise ConfigError(f"model.{key}", f"the trainer does not read it; set training.pipeline.defaults."
+                              f"{stage_key} (or {stage_key} in a step) instead")
     unknown = sorted(set(overrides) - _CNN_KEYS)
     if unknown:
         raise ValueError(f"unknown model option(s) {unknown} for cnn_vae; valid: "

@@ -42,10 +42,7 @@ def validate(model: nn.Module, val_data, objective: Objective, batch_size: int, 
 
 def prior_noise(model: nn.Module, n: int, seed: int) -> torch.Tensor:
     """Fixed latent samples for the generation grids."""
-    g = torch.Generator().manual_seed(seed + 7919)
-    if hasattr(model, "sample_prior"):
-        return model.sample_prior(n, generator=g).cpu()
-    return torch.randn((n, *model.latent_shape), generator=g)
+    return model.sample_prior(n, generator=torch.Generator().manual_seed(seed + 7919)).cpu()
 
 
 @torch.no_grad()

@@ -33,7 +33,7 @@ def _load_config(args):
 
 
 def cmd_validate(args) -> int:
-    from vaeflow.config import resolve_steps, stage_metrics
+    from vaeflow.config import logged_metrics, model_family, resolve_steps
 
     config = _load_config(args)
     steps = resolve_steps(config)
@@ -54,7 +54,8 @@ def cmd_validate(args) -> int:
         t = s["transition_on"]
         if t.get("mode") == "loss_threshold":
             print(f"  Transition: loss_threshold ({t['metric']} < {t['threshold']}, max {t['max_epochs']} epochs)")
-        print(f"  Metrics: {', '.join(sorted(stage_metrics(s)))}")
+        logged = logged_metrics(s, model_family(config["model"]["type"]))
+        print(f"  Metrics: {', '.join(logged['train'] + logged['val'])}")
     return 0
 
 
@@ -107,7 +108,8 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_sample(args) -> int:
-    from vaeflow.sample import SAMPLING_DEFAULTS, check_square, sample_run
+    from vaeflow.config import schema_defaults
+    from vaeflow.sample import check_square, sample_run
 
     if args.samples is not None:
         check_square(args.samples)  # before loading anything
@@ -115,7 +117,7 @@ def cmd_sample(args) -> int:
         config = _load_config(args)
         scfg, seed = config["sampling"], config["seed"]
     else:
-        scfg, seed = dict(SAMPLING_DEFAULTS), 0
+        scfg, seed = schema_defaults("sampling"), schema_defaults("seed")
     samples = args.samples or scfg["samples"]
     checkpoint = args.checkpoint or scfg["checkpoint"]
     stage = args.stage

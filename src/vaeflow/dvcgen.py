@@ -11,24 +11,12 @@ from pathlib import Path
 
 import yaml
 
-from vaeflow.config import ConfigError, load_yaml, resolve_steps, stage_names
+from vaeflow.config import ConfigError, load_yaml, logged_metrics, model_family, resolve_steps, stage_names
 from vaeflow.layout import RESULTS, Layout
 
 HEADER = "# Generated from the config by `vaeflow dvc-yaml --config {cfg}`: do not edit by hand.\n"
 LAYOUT = Layout(RESULTS)
 DATA_FILES = [str(p) for p in LAYOUT.data_files()]
-
-
-def _curve_columns(model_type: str, step: dict) -> tuple[list[str], list[str]]:
-    """Columns of train.csv / val.csv that `dvc plots show` draws for a stage."""
-    kl = model_type in ("autoencoder_kl", "cnn_vae")
-    train = ["vae_loss", *(["recon_loss"] if step.get("train_vae", True) else []), "kl_loss" if kl else "vq_loss"]
-    if step.get("gan_training"):
-        train += ["g_loss", "d_loss"]
-    if step.get("use_lpips"):
-        train.append("lpips_loss")
-    val = ["val_loss", "val_recon"] + (["val_kl"] if kl else [])
-    return train, val
 
 
 def _present(raw: dict, keys: list[str]) -> list[str]:
@@ -102,7 +90,8 @@ def render_dvc_yaml(config: dict, config_paths: list[str] | str) -> str:
             "deps": ["scripts/curves.py", str(LAYOUT.stage(name).metrics_log)],
             "outs": outs["curves"],
         }
-        train_cols, val_cols = _curve_columns(config["model"]["type"], steps[i])
+        logged = logged_metrics(steps[i], model_family(config["model"]["type"]))
+        train_cols, val_cols = logged["train"], logged["val"]
         plots += [
             outs["curves"][0],
             {f"{name}_train": {"x": "global_step", "y": {outs["curves"][1]: train_cols}, "title": f"{name}: training losses"}},

@@ -28,24 +28,11 @@ import torch
 
 from vaeflow import metrics as M
 from vaeflow.checkpoint import atomic_write
+from vaeflow.config import schema_defaults
 from vaeflow.layout import StageLayout
 from vaeflow.metrics import to_model_range as _to_model_range
 from vaeflow.metrics import to_unit as _to_unit
 from vaeflow.models.loading import load_autoencoder
-
-# Defaults of the `evaluation:` config section (the schema carries the same values).
-EVAL_DEFAULTS = {
-    "batch_size": 256,
-    "checkpoint": "best",
-    "iw_samples": 64,
-    "nll_max_images": None,
-    "likelihood": "auto",
-    "likelihood_sigma": None,
-    "lpips_net": "alex",
-    "active_unit_threshold": 0.01,
-}
-
-psnr = M.psnr  # kept importable from here (older callers)
 
 
 def _batches(ds, batch_size: int, limit: int | None = None):
@@ -215,7 +202,7 @@ def evaluate_model(
     log=print,
 ) -> dict:
     """Every test-split metric of one model (already in eval mode, on CPU or its device)."""
-    cfg = {**EVAL_DEFAULTS, **(eval_cfg or {})}
+    cfg = {**schema_defaults("evaluation"), **(eval_cfg or {})}
     bs = int(cfg["batch_size"])
     device = _param(model).device
     t0 = time.perf_counter()
@@ -375,7 +362,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data_dir: str | Path, batch_size
     from vaeflow.data import PreparedDataset
 
     model, state = load_autoencoder(checkpoint)
-    cfg = {**EVAL_DEFAULTS, **(eval_cfg or {})}
+    cfg = {**schema_defaults("evaluation"), **(eval_cfg or {})}
     if batch_size is not None:
         cfg["batch_size"] = batch_size
     seed = state["config"].get("seed", 0) if seed is None else seed

@@ -17,11 +17,12 @@ from pathlib import Path
 import pandas as pd
 
 from vaeflow.checkpoint import atomic_write
+from vaeflow.config import VAL_OF, logged_metrics
 from vaeflow.layout import StageLayout
 
-# A train metric and its validation counterpart share a panel.
-VAL_OF = {"vae_loss": "val_loss", "recon_loss": "val_recon", "kl_loss": "val_kl"}
-PANEL_ORDER = ["vae_loss", "recon_loss", "kl_loss", "vq_loss", "lpips_loss", "g_loss", "d_loss"]
+_EVERY_MODE = {"train_vae": True, "gan_training": True, "use_lpips": True}
+# Panels in the order a stage logs its metrics (both latent families).
+PANEL_ORDER = list(dict.fromkeys(m for fam in ("kl", "vq") for m in logged_metrics(_EVERY_MODE, fam)["train"]))
 
 
 def read_metrics_jsonl(path: str | Path) -> pd.DataFrame:

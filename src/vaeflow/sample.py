@@ -1,6 +1,6 @@
 """Sampling from a trained stage: one function per strategy, and `sample_run` for the CLI/rules.
 
-Strategies (seeds 000 and 002), each returning a `Grid` of tiles in [0, 1]:
+Strategies, each returning a `Grid` of tiles in [0, 1]:
 
 - `reconstruction_grid`: test images and their reconstructions, side by side;
 - `random_samples`: decoded draws from the model's prior (`sample_prior`): N(0, I) for KL
@@ -24,23 +24,11 @@ import torch
 from torchvision.utils import make_grid
 
 from vaeflow.checkpoint import atomic_write
+from vaeflow.config import schema_defaults
 from vaeflow.layout import MANIFEST, Layout, StageLayout
 from vaeflow.metrics import to_model_range as _to_model_range
 from vaeflow.metrics import to_unit as _to_unit
 from vaeflow.models.loading import load_autoencoder
-
-SAMPLING_DEFAULTS = {
-    "samples": 64,
-    "checkpoint": "best",
-    "latent_dims": [0, 1],
-    "latent_range": [-3.0, 3.0],
-    "latent_base": "zero",
-    "grid_size": 8,
-    "traversal_dims": 8,
-    "traversal_steps": 8,
-    "interpolation_steps": 8,
-    "interpolation_pairs": 4,
-}
 
 
 class SampleError(ValueError):
@@ -244,7 +232,7 @@ def sample_run(checkpoints_root, run_name=None, checkpoint="best", samples=64, d
     `last` or `both` checkpoints; PNGs and a JSON note under <run>/samples/."""
     from vaeflow.data import PreparedDataset
 
-    cfg = {**SAMPLING_DEFAULTS, **(sampling_cfg or {})}
+    cfg = {**schema_defaults("sampling"), **(sampling_cfg or {})}
     check_square(samples)
     lo, hi = (float(v) for v in cfg["latent_range"])
     if not lo < hi:

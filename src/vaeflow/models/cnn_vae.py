@@ -1,6 +1,6 @@
-"""Small CNN VAEs with a flat latent vector (seeds 002 and 004).
+"""Small CNN VAEs with a flat latent vector (MNIST and CelebA presets).
 
-`VAEBase` is seed 004's interface: subclasses implement `encode(x) -> (mu, logvar)` and
+`VAEBase` is the classic VAE interface: subclasses implement `encode(x) -> (mu, logvar)` and
 `decode(z)`; the base adds `reparameterize`, `forward -> (recon, mu, logvar)`, `compute_loss`
 (recon + beta * KL, summed over pixels / latent dims, averaged over the batch), `sample(n)`,
 `reconstruct(x)`, and vaeflow's autoencoder contract (`ae_forward`, `encode_latent`, ...).
@@ -230,14 +230,14 @@ class CNNVAE(VAEBase):
 
 
 class MnistVAE(CNNVAE):
-    """Seed 002/004 MNIST VAE: sigmoid output, BCE, inputs in [0, 1]."""
+    """The MNIST VAE: sigmoid output, BCE, inputs in [0, 1]."""
 
     def __init__(self, **overrides):
         super().__init__(**{**PRESETS["mnist"], **overrides})
 
 
 class CelebaVAE(CNNVAE):
-    """Seed 004 CelebA VAE: AdaptiveAvgPool to 4x4 + FC, tanh output, inputs in [-1, 1]."""
+    """The CelebA VAE: AdaptiveAvgPool to 4x4 + FC, tanh output, inputs in [-1, 1]."""
 
     def __init__(self, **overrides):
         super().__init__(**{**PRESETS["celeba"], **overrides})

@@ -6,7 +6,7 @@ __all__ = ["StageTrainer", "run_stage", "train"]
 
 
 def train(train_ds, config_path, val_ds, results_dir="results") -> list[dict]:
-    """Run every configured stage on any torch Dataset, in order (seed 000's API).
+    """Run every configured stage on any torch Dataset, in order (the library API).
 
     Items may be tensors or (tensor, label) pairs with values in [0, 1]; images of
     another size are resized to data.image_size. Checkpoints land under results_dir.

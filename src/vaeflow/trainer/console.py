@@ -66,22 +66,13 @@ class Meter:
         return {k: float(v) / max(1, self.count) for k, v in self.sums.items()}
 
 
-def train_line(stage: str, index: int, n_stages: int, epoch: int, max_epochs: int, batch: int, n_batches: int,
-               values: dict, step: dict, batch_time: float, imgs_per_s: float) -> str:
-    """One training log line: the losses this stage trains, then speed."""
-    parts = [
-        f"Step {stage} ({index + 1}/{n_stages})",
-        f"Epoch {epoch + 1}/{max_epochs}",
-        f"Batch {batch}/{n_batches}",
-        f"VAE: {values.get('vae_loss', 0.0):.4f}",
-    ]
-    if "kl_loss" in values:
-        parts.append(f"KL: {values['kl_loss']:.2f}")
-    if "vq_loss" in values:
-        parts.append(f"VQ: {values['vq_loss']:.4f}")
-    if step["gan_training"]:
-        parts += [f"G: {values.get('g_loss', 0.0):.3f}", f"D: {values.get('d_loss', 0.0):.3f}"]
-    if step["use_lpips"]:
-        parts.append(f"LPIPS: {values.get('lpips_loss', 0.0):.4f}")
-    parts += [f"{batch_time:.2f}s/batch", f"{imgs_per_s:.0f} img/s"]
-    return " | ".join(parts)
+# How the log line shows a logged metric (metrics not listed here stay in metrics.jsonl only).
+SHOWN = {"vae_loss": ("VAE", ".4f"), "kl_loss": ("KL", ".2f"), "vq_loss": ("VQ", ".4f"), "g_loss": ("G", ".3f"),
+         "d_loss": ("D", ".3f"), "lpips_loss": ("LPIPS", ".4f")}
+
+
+def train_line(where: str, values: dict, metrics: list[str], batch_time: float, imgs_per_s: float) -> str:
+    """One training log line: position, the stage's logged losses (`config.logged_metrics`), speed.
+    A loss not computed yet (the GAN terms before disc_start) shows as 0."""
+    shown = [f"{SHOWN[m][0]}: {values.get(m, 0.0):{SHOWN[m][1]}}" for m in metrics if m in SHOWN]
+    return " | ".join([where, *shown, f"{batch_time:.2f}s/batch", f"{imgs_per_s:.0f} img/s"])

@@ -12,7 +12,8 @@ import time
 import torch
 
 from vaeflow import checkpoint as ckpt
-from vaeflow.config import fingerprint, resolve_steps, stage_index, stage_names, stage_view
+from vaeflow.config import (fingerprint, logged_metrics, model_family, resolve_steps, stage_index, stage_names,
+                            stage_view)
 from vaeflow.layout import Layout
 from vaeflow.metrics import to_model_range
 from vaeflow.trainer import rng
@@ -59,6 +60,7 @@ class StageTrainer:
         self.batch_size = self.tcfg["batch_size"]
         self.n_batches = batches_per_epoch(len(self.train_data), self.batch_size, s["max_steps"])
         self.max_epochs = max_epochs(s)
+        self.logged = logged_metrics(s, model_family(config["model"]["type"]))
         self.state = TrainState()
         self.id = StageId(config, stage, self.index, self.n_stages, fingerprint(
             {"view": stage_view(config, stage), "init": ckpt.file_digest(init_path) if init_path else None}
@@ -184,8 +186,9 @@ class StageTrainer:
 
     def _log(self, values: dict, batch_time: float, imgs_per_s: float) -> None:
         st = self.state
-        self.console.line(train_line(self.stage, self.index, self.n_stages, st.epoch, self.max_epochs, st.batch,
-                                     self.n_batches, values, self.step, batch_time, imgs_per_s))
+        where = (f"Step {self.stage} ({self.index + 1}/{self.n_stages}) | Epoch {st.epoch + 1}/{self.max_epochs} | "
+                 f"Batch {st.batch}/{self.n_batches}")
+        self.console.line(train_line(where, values, self.logged["train"], batch_time, imgs_per_s))
         self._write_metrics("train", values)
 
     def _write_metrics(self, split: str, values: dict) -> None:

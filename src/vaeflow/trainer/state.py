@@ -1,6 +1,6 @@
 """What a checkpoint holds: the weights and optimizer states, the RNG streams, and a
 `TrainState` with the stage's progress. Each fact is recorded once; `pipeline_metadata`
-is a read-only view of them for tools that read seed 003's checkpoints."""
+is a read-only view of them in the layout older pipeline tools read (never read back)."""
 
 from __future__ import annotations
 

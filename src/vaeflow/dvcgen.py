@@ -36,6 +36,17 @@ def _present(raw: dict, keys: list[str]) -> list[str]:
     return out
 
 
+def _stage_plots(name: str, outs: dict[str, list[str]], logged: dict[str, list[str]]) -> list:
+    """`dvc plots show` for one stage: the loss-curve PNG, its logged losses, the sample grids."""
+    png, train_csv, val_csv = outs["curves"]
+    return [
+        png,
+        {f"{name}_train": {"x": "global_step", "y": {train_csv: logged["train"]}, "title": f"{name}: training losses"}},
+        {f"{name}_val": {"x": "global_step", "y": {val_csv: logged["val"]}, "title": f"{name}: validation losses"}},
+        *[p for p in outs["sample"] if p.endswith(".png")],
+    ]
+
+
 def render_dvc_yaml(config: dict, config_paths: list[str] | str) -> str:
     if isinstance(config_paths, (str, Path)):
         config_paths = [str(config_paths)]
@@ -90,14 +101,7 @@ def render_dvc_yaml(config: dict, config_paths: list[str] | str) -> str:
             "deps": ["scripts/curves.py", str(LAYOUT.stage(name).metrics_log)],
             "outs": outs["curves"],
         }
-        logged = logged_metrics(steps[i], model_family(config["model"]["type"]))
-        train_cols, val_cols = logged["train"], logged["val"]
-        plots += [
-            outs["curves"][0],
-            {f"{name}_train": {"x": "global_step", "y": {outs["curves"][1]: train_cols}, "title": f"{name}: training losses"}},
-            {f"{name}_val": {"x": "global_step", "y": {outs["curves"][2]: val_cols}, "title": f"{name}: validation losses"}},
-            *[p for p in outs["sample"] if p.endswith(".png")],
-        ]
+        plots += _stage_plots(name, outs, logged_metrics(steps[i], model_family(config["model"]["type"])))
     stages["summary"] = {
         "cmd": f"python scripts/summary.py {run}",
         "deps": ["scripts/summary.py", *[str(LAYOUT.stage(n).eval_metrics) for n in names]],

@@ -3,7 +3,6 @@
 import json
 
 from snakemake.exceptions import WorkflowError
-from snakemake.utils import validate
 
 from vaeflow import config as vfconfig
 from vaeflow.dvcgen import DATA_FILES, SUMMARY_FILES, stage_outputs
@@ -15,7 +14,6 @@ try:
     vfconfig.check_code_level(VF)  # model options, LPIPS weights
 except (vfconfig.ConfigError, ValueError) as exc:
     raise WorkflowError(str(exc))
-validate(config, "../config/schema.yaml")
 # Stage commands read the config files themselves; --config overrides would not reach them.
 if vfconfig.load(workflow.configfiles) != VF:
     raise WorkflowError(

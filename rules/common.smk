@@ -7,6 +7,7 @@ from snakemake.exceptions import WorkflowError
 from vaeflow import config as vfconfig
 from vaeflow.dvcgen import DATA_FILES, SUMMARY_FILES, stage_outputs
 from vaeflow.dvcsync import sync_mtimes
+from vaeflow.provenance import code_fingerprint
 from vaeflow.trainer import prior_artifact
 
 try:
@@ -21,6 +22,8 @@ if vfconfig.load(workflow.configfiles) != VF:
         "put the change in a config file and pass it with --configfile"
     )
 
+# The package's source (vaeflow.provenance): in every rule's params, so a code edit reruns.
+CODE = code_fingerprint()
 CONFIG_ARGS = " ".join(str(p) for p in workflow.configfiles)
 STAGES = vfconfig.stage_names(VF)
 SAMPLE_LABEL = VF["sampling"]["checkpoint"]

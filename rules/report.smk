@@ -22,6 +22,8 @@ rule curves:
     resources:
         mem_mb=2000,
         runtime=10,
+    params:
+        code=CODE,
     shell:
         "python scripts/curves.py --results results --stage {wildcards.stage} > {log} 2>&1"
 
@@ -57,5 +59,6 @@ rule summary:
         runtime=10,
     params:
         config=CONFIG_ARGS,
+        code=CODE,
     shell:
         "python scripts/summary.py --config {params.config} --results results > {log} 2>&1"

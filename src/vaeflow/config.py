@@ -205,17 +205,11 @@ def _check_semantics(config: dict, source: str | None) -> None:
 def check_code_level(config: dict) -> None:
     """Checks that need code, not just the schema: model options, LPIPS weights on disk."""
     import os
-    import warnings
 
     from vaeflow.losses.perceptual import check_lpips_weights
-    from vaeflow.models import build_model
+    from vaeflow.models.fit import check_model_fits
 
-    try:
-        with warnings.catch_warnings():  # "starts from scratch": expected when only checking
-            warnings.simplefilter("ignore")
-            model = build_model(config["model"])
-    except (TypeError, ValueError) as exc:
-        raise ConfigError("model", str(exc)) from None
+    model = check_model_fits(config)  # built on the meta device: shapes only
     _check_latent_indices(config, model)
     if os.environ.get("VAEFLOW_LPIPS_RANDOM_BACKBONE") == "1":
         return

@@ -12,6 +12,7 @@ from pathlib import Path
 import yaml
 
 from vaeflow.config import ConfigError, load_yaml, resolve_steps, stage_names
+from vaeflow.provenance import CODE_DIR
 
 DATA_FILES = ["results/data/manifest.json", "results/data/train.npy", "results/data/val.npy", "results/data/test.npy"]
 HEADER = "# Generated from the config by `vaeflow dvc-yaml --config {cfg}`: do not edit by hand.\n"
@@ -131,6 +132,7 @@ def render_dvc_yaml(config: dict, config_paths: list[str] | str) -> str:
         "outs": list(SUMMARY_FILES),
     }
     for st in stages.values():  # DVC rejects an empty params list
+        st["deps"].insert(1, CODE_DIR)  # the package's source: an edit reruns (vaeflow.provenance)
         st["params"] = [p for p in st.get("params", []) if next(iter(p.values()))]
         if not st["params"]:
             del st["params"]

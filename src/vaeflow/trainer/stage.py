@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from vaeflow import checkpoint as ckpt
+from vaeflow import provenance
 from vaeflow.config import fingerprint, resolve_steps, stage_index, stage_names, stage_view
 from vaeflow.losses import AdversarialLoss, KLLoss, PerceptualLoss, ReconstructionLoss, total_correlation
 from vaeflow.trainer import rng
@@ -457,6 +458,7 @@ class StageTrainer:
             "stage": self.stage,
             "stage_index": self.index,
             "fingerprint": self.run_fingerprint,
+            "provenance": provenance.record(),  # code, commit, tool versions
             "model": self.model.state_dict(),
             "ema": self.ema.state_dict()["weights"] if self.ema is not None else None,
             "ema_state": {"num_updates": self.ema.num_updates} if self.ema is not None else None,

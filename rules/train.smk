@@ -21,6 +21,7 @@ rule train:
         gpu=0,
     params:
         config=CONFIG_ARGS,
+        code=CODE,
         stage=stage_params,
     shell:
         f"python scripts/train.py --config {{params.config}} --results {RESULTS} "

@@ -18,9 +18,11 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from vaeflow.config import ConfigError
     from vaeflow.data import DataError
     from vaeflow.losses import PerceptualWeightsMissing
+    from vaeflow.provenance import ProvenanceError
     from vaeflow.sample import SampleError
 
-    return (ConfigError, DataError, CheckpointError, PerceptualWeightsMissing, SampleError, FileNotFoundError)
+    return (ConfigError, DataError, CheckpointError, PerceptualWeightsMissing, SampleError, ProvenanceError,
+            FileNotFoundError)
 
 
 def _load_config(args):
@@ -99,6 +101,9 @@ def cmd_evaluate(args) -> int:
     ecfg = config["evaluation"]
     stage = layout.stage(args.stage)
     metrics = evaluate_checkpoint(stage.checkpoint(ecfg["checkpoint"]), layout.data, eval_cfg=ecfg, seed=config["seed"])
+    from vaeflow.provenance import record
+
+    metrics["provenance"] = record()
     write_metrics(metrics, stage.eval_metrics)
     lp = metrics["lpips"]
     if not lp.get("available"):
@@ -190,6 +195,14 @@ def cmd_export_diffusers(args) -> int:
     return 0
 
 
+def cmd_provenance(args) -> int:
+    from vaeflow.provenance import describe, read
+
+    for path in args.files:
+        print(f"{path}\n" + "\n".join("  " + line for line in describe(read(path)).splitlines()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vaeflow", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -236,6 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("checkpoint")
     sp.add_argument("out_dir")
     sp.set_defaults(func=cmd_export_diffusers)
+    sp = sub.add_parser("provenance", help="the code fingerprint, git commit and tool versions that made a checkpoint or metrics.json")
+    sp.add_argument("files", nargs="+")
+    sp.set_defaults(func=cmd_provenance)
     return p
 
 

@@ -8,6 +8,7 @@ the library API reject a bad config the same way: one message naming the key.
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 from importlib import resources
@@ -73,9 +74,15 @@ class ConfigError(ValueError):
         super().__init__(f"config error in {where}{path or '<root>'}: {message}")
 
 
-def schema() -> dict:
+@functools.lru_cache(maxsize=1)
+def _schema() -> dict:
     text = resources.files("vaeflow").joinpath("resources", SCHEMA_FILE).read_text()
-    return yaml.safe_load(text)
+    return yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # safe either way
+
+
+def schema() -> dict:
+    """The package's JSON schema (parsed once per process; a fresh copy each call)."""
+    return copy.deepcopy(_schema())
 
 
 def schema_path() -> Path:

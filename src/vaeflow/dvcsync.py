@@ -17,6 +17,8 @@ from pathlib import Path
 
 import yaml
 
+from vaeflow.provenance import CODE_DIR
+
 
 def _unchanged_stages(root: Path, names: list[str]) -> set[str]:
     """The stages among `names` whose deps, params and outs all match dvc.lock, per `dvc status`."""
@@ -75,7 +77,9 @@ def sync_mtimes(root: Path = Path(".")) -> list[Path]:
 
 
 def _newest_dep(root: Path, stage: dict) -> float:
-    return max((_mtime(root / d["path"]) for d in stage.get("deps", []) if (root / d["path"]).exists()), default=0.0)
+    """Newest mtime among the deps Snakemake compares (not the code: its rules fingerprint it)."""
+    deps = [root / d["path"] for d in stage.get("deps", []) if d["path"] != CODE_DIR]
+    return max((_mtime(p) for p in deps if p.exists()), default=0.0)
 
 
 def _inverted(root: Path, stage: dict) -> bool:

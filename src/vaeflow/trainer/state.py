@@ -8,6 +8,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 
 from vaeflow import checkpoint as ckpt
+from vaeflow import provenance
 from vaeflow.trainer import rng
 from vaeflow.trainer.build import Models, Optimizers
 
@@ -47,6 +48,7 @@ def checkpoint(sid: StageId, state: TrainState, models: Models, opts: Optimizers
         "stage": sid.stage,
         "stage_index": sid.index,
         "fingerprint": sid.fingerprint,
+        "provenance": provenance.record(),  # code, commit, tool versions
         "model": models.model.state_dict(),
         "ema": ema.state_dict()["weights"] if ema is not None else None,
         "ema_state": {"num_updates": ema.num_updates} if ema is not None else None,

@@ -141,6 +141,8 @@ def check_model_fits(config: dict):
         with warnings.catch_warnings(), torch.device("meta"):  # "starts from scratch": expected here
             warnings.simplefilter("ignore")
             model = build_model({k: v for k, v in mcfg.items() if k != "ckpt_path"})
+    except ConfigError:  # already names its key (e.g. a key the trainer owns)
+        raise
     except (TypeError, ValueError, IndexError, KeyError, ZeroDivisionError, RuntimeError, OverflowError) as exc:
         raise ConfigError("model", f"cannot build {mcfg.get('type')!r}: {exc}") from None
     if _numel(model) > MAX_ELEMENTS:

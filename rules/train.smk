@@ -14,7 +14,7 @@ rule train:
         str(LAYOUT.benchmark("train", "{stage}"))
     conda:
         "../envs/vaeflow.yaml"
-    threads: 2
+    threads: VF["training"]["cpu_threads"]
     resources:
         mem_mb=8000,
         runtime=240,

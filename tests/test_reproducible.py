@@ -60,9 +60,9 @@ def clones(tmp_path_factory):
     origin = commit_of_working_tree(tmp / "origin")
     d, denv = clone(origin, tmp / "dvc_clone")
     s, senv = clone(origin, tmp / "smk_clone")
-    out = run(["dvc", "repro"], d, **denv).stdout
+    out = run(["dvc", "repro"], d, timeout=2400, **denv).stdout
     assert {"prepare", "train_vae_warmup", "train_vae_gan", "evaluate_vae_gan", "summary"} <= ran_stages(out)
-    run(["snakemake", "--cores", "2"], s, **senv)
+    run(["snakemake", "--cores", "2"], s, timeout=2400, **senv)
     commit = run(["git", "rev-parse", "HEAD"], origin).stdout.strip()
     return {"dvc": (d, denv), "smk": (s, senv), "commit": commit}
 

@@ -84,6 +84,10 @@ def cmd_train(args) -> int:
                "-m", "vaeflow.cli", "train", "--config", *args.config, "--results", args.results, "--stage", args.stage]
         sys.stdout.flush()
         os.execv(sys.executable, cmd)
+    import torch
+
+    # The thread count changes float reduction order: the config fixes it, not the runner's env.
+    torch.set_num_threads(max(1, config["training"]["cpu_threads"] // nproc))
     run_stage(config, args.stage, args.results)
     return 0
 

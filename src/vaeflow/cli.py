@@ -82,24 +82,39 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _eval_device(config: dict | None):
+    """`evaluation.device`, or `training.device` when null ("auto": cuda, then mps, then cpu);
+    evaluation and sampling run there."""
+    from vaeflow.config import ConfigError
+    from vaeflow.trainer.device import resolve_device
+
+    name = "auto" if config is None else (config["evaluation"].get("device") or config["training"]["device"])
+    try:
+        return resolve_device(name)
+    except RuntimeError:
+        key = "evaluation.device" if config and config["evaluation"].get("device") else "training.device"
+        raise ConfigError(key, f"{name!r} but CUDA is not available on this machine") from None
+
+
 def cmd_evaluate(args) -> int:
     from vaeflow.config import stage_index
     from vaeflow.evaluate import evaluate_checkpoint, summary_line, write_metrics
 
     config = _load_config(args)
     stage_index(config, args.stage)
+    device = _eval_device(config)
     from vaeflow.data import check_prepared
 
     check_prepared(config["data"], Path(args.results) / "data")
     ecfg = config["evaluation"]
     metrics = evaluate_checkpoint(
         Path(args.results) / args.stage / f"{ecfg['checkpoint']}.pt", Path(args.results) / "data",
-        eval_cfg=ecfg, seed=config["seed"],
+        eval_cfg=ecfg, seed=config["seed"], device=device,
     )
     write_metrics(metrics, Path(args.results) / args.stage / "eval" / "metrics.json")
-    lp = metrics["lpips"]
-    if not lp.get("available"):
-        print(f"LPIPS unavailable (recorded as such): {lp.get('reason')}")
+    for key, name in (("lpips", "LPIPS"), ("rfid", "rFID")):
+        if not metrics[key].get("available"):
+            print(f"{name} unavailable (recorded as such): {metrics[key].get('reason')}")
     print(summary_line(args.stage, metrics))
     return 0
 
@@ -123,7 +138,7 @@ def cmd_sample(args) -> int:
         run = latest_run(args.checkpoints_root)
         print(f"--run-name not given: using the most recently updated run, {run}")
     sample_run(args.checkpoints_root, run, checkpoint, samples, data_dir=args.data_dir, seed=seed,
-               sampling_cfg=scfg, log=print)
+               sampling_cfg=scfg, log=print, device=_eval_device(config if args.config else None))
     return 0
 
 

@@ -185,8 +185,9 @@ class AutoencoderKL(nn.Module):
     def sample_prior(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         p = self.post_quant_conv.weight if hasattr(self.post_quant_conv, "weight") \
             else self.decoder.conv_in.weight
-        return torch.randn((n, *self.latent_shape), generator=generator, device=p.device,
-                           dtype=p.dtype)
+        # drawn on the generator's device, then moved: a CPU generator works on every device
+        return torch.randn((n, *self.latent_shape), generator=generator, dtype=p.dtype,
+                           device=generator.device if generator is not None else p.device).to(p.device)
 
     def parts(self) -> dict[str, list[nn.Module]]:
         return {"encoder": [self.encoder, self.quant_conv],

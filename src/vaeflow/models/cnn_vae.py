@@ -105,7 +105,8 @@ class VAEBase(nn.Module):
 
     def sample_prior(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         device, dtype = self._device_dtype()
-        return torch.randn((n, self.latent_dim), generator=generator, device=device, dtype=dtype)
+        return torch.randn((n, self.latent_dim), generator=generator, dtype=dtype,  # on the generator's device
+                           device=generator.device if generator is not None else device).to(device)
 
 
 def _act(slope: float) -> nn.Module:

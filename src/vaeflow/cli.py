@@ -92,26 +92,41 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _eval_device(config: dict | None):
+    """`evaluation.device`, or `training.device` when null ("auto": cuda, then mps, then cpu);
+    evaluation and sampling run there."""
+    from vaeflow.config import ConfigError
+    from vaeflow.trainer.device import resolve_device
+
+    name = "auto" if config is None else (config["evaluation"].get("device") or config["training"]["device"])
+    try:
+        return resolve_device(name)
+    except RuntimeError:
+        key = "evaluation.device" if config and config["evaluation"].get("device") else "training.device"
+        raise ConfigError(key, f"{name!r} but CUDA is not available on this machine") from None
+
+
 def cmd_evaluate(args) -> int:
     from vaeflow.config import stage_index
     from vaeflow.evaluate import evaluate_checkpoint, summary_line, write_metrics
 
     config = _load_config(args)
     stage_index(config, args.stage)
+    device = _eval_device(config)
     from vaeflow.data import check_prepared
 
     layout = Layout(args.results)
     check_prepared(config["data"], layout.data)
     ecfg = config["evaluation"]
     stage = layout.stage(args.stage)
-    metrics = evaluate_checkpoint(stage.checkpoint(ecfg["checkpoint"]), layout.data, eval_cfg=ecfg, seed=config["seed"])
+    metrics = evaluate_checkpoint(stage.checkpoint(ecfg["checkpoint"]), layout.data, eval_cfg=ecfg, seed=config["seed"], device=device)
     from vaeflow.provenance import record
 
     metrics["provenance"] = record()
     write_metrics(metrics, stage.eval_metrics)
-    lp = metrics["lpips"]
-    if not lp.get("available"):
-        print(f"LPIPS unavailable (recorded as such): {lp.get('reason')}")
+    for key, name in (("lpips", "LPIPS"), ("rfid", "rFID")):
+        if not metrics[key].get("available"):
+            print(f"{name} unavailable (recorded as such): {metrics[key].get('reason')}")
     print(summary_line(args.stage, metrics))
     return 0
 
@@ -136,7 +151,7 @@ def cmd_sample(args) -> int:
         stage = latest_run(args.results)
         print(f"--stage not given: using the most recently updated stage, {stage}")
     sample_run(args.results, stage, checkpoint, samples, data_dir=args.data_dir, seed=seed,
-               sampling_cfg=scfg, log=print)
+               sampling_cfg=scfg, log=print, device=_eval_device(config if args.config else None))
     return 0
 
 

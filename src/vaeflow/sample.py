@@ -227,9 +227,9 @@ def _images(ds, n: int, offset: int = 0) -> torch.Tensor:
 
 @torch.no_grad()
 def sample_run(checkpoints_root, run_name=None, checkpoint="best", samples=64, data_dir=None, seed=0,
-               sampling_cfg: dict | None = None, log=None) -> list[Path]:
+               sampling_cfg: dict | None = None, log=None, device: str | torch.device = "cpu") -> list[Path]:
     """Every strategy for `run_name` (default: the most recently updated run), for the `best`,
-    `last` or `both` checkpoints; PNGs and a JSON note under <run>/samples/."""
+    `last` or `both` checkpoints, with the model on `device`; PNGs and a JSON note under <run>/samples/."""
     from vaeflow.data import PreparedDataset
 
     cfg = {**schema_defaults("sampling"), **(sampling_cfg or {})}
@@ -251,7 +251,7 @@ def sample_run(checkpoints_root, run_name=None, checkpoint="best", samples=64, d
     written = []
     for label in labels:
         ckpt_path = stage_dir.checkpoint(label)
-        model, state = load_autoencoder(ckpt_path)
+        model, state = load_autoencoder(ckpt_path, device=device)
         x = _images(ds, samples)
         family = model_family(model, x)
         g = torch.Generator().manual_seed(seed)

@@ -24,15 +24,26 @@ def test_fault_hook_unset_or_empty_is_none():
 def test_fault_grammar():
     plan = faults.from_env({"VAEFLOW_FAULT": "nan@step:5,6,7; grad-nan@step:9:stage=vae_gan:always"})
     nan, grad = plan.faults
-    assert (nan.kind, sorted(nan.steps), nan.stage, nan.always) == ("nan", [5, 6, 7], None, False)
-    assert (grad.kind, sorted(grad.steps), grad.stage, grad.always) == ("grad-nan", [9], "vae_gan", True)
-    assert nan.fires("any", 6, rollbacks=0) and not nan.fires("any", 6, rollbacks=1) and not nan.fires("any", 8, 0)
-    assert grad.fires("vae_gan", 9, rollbacks=5) and not grad.fires("vae_warmup", 9, 0)
+    assert (nan.kind, sorted(nan.steps), nan.stage, nan.when) == ("nan", [5, 6, 7], None, "rollbacks=0")
+    assert (grad.kind, sorted(grad.steps), grad.stage, grad.when) == ("grad-nan", [9], "vae_gan", "always")
     assert "nan at step 5,6,7" in plan.describe() and "(always)" in plan.describe()
 
 
+def test_when_a_fault_fires():
+    by_default, once, always, later = faults.FaultPlan.parse(
+        "nan@step:5;nan@step:5:once;nan@step:5:always;kill@step:5:rollbacks=2").faults
+    # (rollbacks, consecutive) -> fires?
+    assert by_default.fires("s", 5, 0, 0) and by_default.fires("s", 5, 0, 2) and not by_default.fires("s", 5, 1, 0)
+    assert not by_default.fires("s", 6, 0, 0)
+    assert once.fires("s", 5, 0, 0) and not once.fires("s", 5, 0, 1) and not once.fires("s", 5, 1, 0)
+    assert always.fires("s", 5, 7, 3)
+    assert later.fires("s", 5, 2, 0) and not later.fires("s", 5, 1, 0)
+    staged = faults.FaultPlan.parse("nan@step:5:stage=vae_gan").faults[0]
+    assert staged.fires("vae_gan", 5, 0, 0) and not staged.fires("vae_warmup", 5, 0, 0)
+
+
 @pytest.mark.parametrize("text", ["nan", "nan@5", "nan@step:", "nan@step:x", "boom@step:3", "nan@step:0",
-                                  "nan@step:3:sometimes", "nan@step:3:stage="])
+                                  "nan@step:3:sometimes", "nan@step:3:stage=", "nan@step:3:rollbacks=x"])
 def test_bad_fault_spec_is_one_clear_error(text):
     with pytest.raises(ConfigError, match="VAEFLOW_FAULT") as err:
         faults.from_env({"VAEFLOW_FAULT": text})
@@ -41,22 +52,24 @@ def test_bad_fault_spec_is_one_clear_error(text):
 
 def test_fault_corrupts_the_loss_and_its_gradients_only_at_its_step():
     plan = faults.FaultPlan.parse("nan@step:3;inf@step:4")
+    guard = StepGuard(Policy())
     w = nn.Parameter(torch.ones(3))
     loss = (w * 2).sum()
-    assert torch.equal(plan.corrupt_loss(loss, "s", 2, 0), loss)
-    assert torch.isinf(plan.corrupt_loss(loss, "s", 4, 0))
-    bad = plan.corrupt_loss(loss, "s", 3, 0)
+    assert torch.equal(plan.corrupt_loss(loss, "s", 2, guard), loss)
+    assert torch.isinf(plan.corrupt_loss(loss, "s", 4, guard))
+    bad = plan.corrupt_loss(loss, "s", 3, guard)
     bad.backward()
     assert torch.isnan(bad) and torch.isnan(w.grad).all()
 
 
 def test_grad_fault_leaves_the_loss_finite():
     plan = faults.FaultPlan.parse("grad-nan@step:2")
+    guard = StepGuard(Policy())
     w = nn.Parameter(torch.ones(3))
     (w * 2).sum().backward()
-    plan.corrupt_grads([w], "s", 1, 0)
+    plan.at_step([w], "s", 1, guard)
     assert torch.isfinite(w.grad).all()
-    plan.corrupt_grads([w], "s", 2, 0)
+    plan.at_step([w], "s", 2, guard)
     assert torch.isnan(w.grad[0]) and torch.isfinite(w.grad[1:]).all()
 
 
@@ -94,9 +107,9 @@ def test_guard_counts_rollbacks_and_backoff():
     g.passed()
     g.skip(), g.skip()
     assert g.wants_rollback() and g.can_roll_back() and g.skipped == 3
-    assert g.rolled_back(checkpoint_rollbacks=0) == 0.5 and g.consecutive == 0
+    assert g.rolled_back({"rollbacks": 0}) == 0.5 and g.consecutive == 0
     # a second rollback to the same (older) checkpoint: two backoffs relative to it
-    assert g.rolled_back(checkpoint_rollbacks=0) == 0.25
+    assert g.rolled_back(None) == 0.25
     assert not g.can_roll_back()
     h = StepGuard(Policy())
     h.load_state_dict(g.state_dict())

@@ -17,8 +17,9 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from vaeflow.data import DataError
     from vaeflow.losses import PerceptualWeightsMissing
     from vaeflow.sample import SampleError
+    from vaeflow.trainer.guard import NonFiniteError
 
-    return (ConfigError, DataError, CheckpointError, PerceptualWeightsMissing, SampleError, FileNotFoundError)
+    return (ConfigError, DataError, CheckpointError, PerceptualWeightsMissing, SampleError, FileNotFoundError, NonFiniteError)
 
 
 def _load_config(args):

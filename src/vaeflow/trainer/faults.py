@@ -4,16 +4,21 @@
     VAEFLOW_FAULT=nan@step:5,6,7               several steps
     VAEFLOW_FAULT=grad-nan@step:5              the loss is finite, a gradient is NaN
     VAEFLOW_FAULT=inf@step:5:stage=vae_gan     +inf, in one stage only
-    VAEFLOW_FAULT=nan@step:5:always            fails even after a rollback
-    VAEFLOW_FAULT="nan@step:5;grad-nan@step:9" several faults, separated by ';'
+    VAEFLOW_FAULT=nan@step:5:once              only the first attempt of step 5 fails
+    VAEFLOW_FAULT=nan@step:5:always            fails even after rollbacks
+    VAEFLOW_FAULT=kill@step:8:rollbacks=1      SIGKILL at step 8 once the stage has rolled back once
+    VAEFLOW_FAULT="nan@step:5;kill@step:9"     several faults, separated by ';'
 
 Steps count from 1 within a stage, as `global_step` in metrics.jsonl: step N is the
 optimizer step that would make global_step N. A skipped step does not advance
-global_step, so step N fails on every attempt (N is retried on the next batches)
-until the stage rolls back; the rollback "cures" it, as a lower learning rate cures
-a real divergence, unless the fault says `always`. Whether a fault fires depends only
-on the step and on the rollback count, both in the checkpoint, so a killed and resumed
-run meets the same faults as an uninterrupted one.
+global_step, so step N is attempted again on the next batch, and by default fails again,
+until the stage rolls back: the rollback "cures" it, as a lower learning rate cures a
+real divergence. `once` fails only the first attempt (one skip, no rollback); `always`
+fails every attempt (the stage stops after training.nonfinite.max_rollbacks);
+`rollbacks=K` fires only after exactly K rollbacks. Whether a fault fires depends only on
+the step and on counters kept in the checkpoint, so a killed and resumed run meets the
+same faults as an uninterrupted one. `kill` kills the process (SIGKILL) at that point of
+the step, as a node failure would, for resume tests.
 
 Unset or empty, `from_env()` returns None and the trainer calls nothing of this module.
 """
@@ -22,6 +27,8 @@ from __future__ import annotations
 
 import os
 import re
+import signal
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -29,9 +36,10 @@ import torch
 from vaeflow.config import ConfigError
 
 ENV = "VAEFLOW_FAULT"
-KINDS = ("nan", "inf", "grad-nan")
-_FAULT = re.compile(r"^(?P<kind>[a-z-]+)@step:(?P<steps>\d+(?:,\d+)*)(?P<opts>(?::[a-z]+(?:=[A-Za-z0-9_]+)?)*)$")
-_USAGE = "expected KIND@step:N[,N...][:stage=NAME][:always] (KIND: nan, inf, grad-nan), ';' between faults"
+KINDS = ("nan", "inf", "grad-nan", "kill")
+_FAULT = re.compile(r"^(?P<kind>[a-z-]+)@step:(?P<steps>\d+(?:,\d+)*)(?P<opts>(?::[a-z]+(?:=[A-Za-z0-9_]*)?)*)$")
+_USAGE = ("expected KIND@step:N[,N...][:stage=NAME][:once|:always|:rollbacks=K] (KIND: nan, inf, grad-nan, kill), "
+          "';' between faults")
 
 
 @dataclass(frozen=True)
@@ -39,30 +47,34 @@ class Fault:
     kind: str
     steps: frozenset[int]
     stage: str | None = None
-    always: bool = False
+    when: str = "rollbacks=0"  # once | always | rollbacks=K
 
-    def fires(self, stage: str, step: int, rollbacks: int) -> bool:
+    def fires(self, stage: str, step: int, rollbacks: int, consecutive: int) -> bool:
         if step not in self.steps or (self.stage is not None and self.stage != stage):
             return False
-        return self.always or rollbacks == 0
+        if self.when == "always":
+            return True
+        if self.when == "once":
+            return consecutive == 0 and rollbacks == 0
+        return rollbacks == int(self.when.removeprefix("rollbacks="))
 
 
 def _parse_one(text: str) -> Fault:
     m = _FAULT.match(text)
     if not m or m["kind"] not in KINDS:
         raise ConfigError(ENV, f"{_USAGE}; got {text!r}", source="environment")
-    stage, always = None, False
+    stage, when = None, "rollbacks=0"
     for opt in filter(None, m["opts"].split(":")):
-        if opt == "always":
-            always = True
-        elif opt.startswith("stage="):
+        if opt in ("once", "always") or re.fullmatch(r"rollbacks=\d+", opt):
+            when = opt
+        elif opt.startswith("stage=") and len(opt) > len("stage="):
             stage = opt.removeprefix("stage=")
         else:
             raise ConfigError(ENV, f"unknown option {opt!r}: {_USAGE}", source="environment")
     steps = frozenset(int(s) for s in m["steps"].split(","))
     if 0 in steps:
         raise ConfigError(ENV, f"steps count from 1; got {text!r}", source="environment")
-    return Fault(m["kind"], steps, stage, always)
+    return Fault(m["kind"], steps, stage, when)
 
 
 class FaultPlan:
@@ -77,27 +89,31 @@ class FaultPlan:
 
     def describe(self) -> str:
         return "; ".join(
-            f"{f.kind} at step {','.join(map(str, sorted(f.steps)))}"
-            + (f" of {f.stage}" if f.stage else "")
-            + (" (always)" if f.always else "")
+            f"{f.kind} at step {','.join(map(str, sorted(f.steps)))}" + (f" of {f.stage}" if f.stage else "")
+            + ("" if f.when == "rollbacks=0" else f" ({f.when})")
             for f in self.faults
         )
 
-    def _kinds(self, stage: str, step: int, rollbacks: int) -> set[str]:
-        return {f.kind for f in self.faults if f.fires(stage, step, rollbacks)}
+    def _kinds(self, stage: str, step: int, guard) -> set[str]:
+        return {f.kind for f in self.faults if f.fires(stage, step, guard.rollbacks, guard.consecutive)}
 
-    def corrupt_loss(self, loss: torch.Tensor, stage: str, step: int, rollbacks: int) -> torch.Tensor:
-        """The loss times NaN (or inf) when a loss fault fires: its gradients become non-finite too."""
-        kinds = self._kinds(stage, step, rollbacks)
+    def corrupt_loss(self, loss: torch.Tensor, stage: str, step: int, guard) -> torch.Tensor:
+        """The loss times NaN (or plus inf) when a loss fault fires: its gradients turn non-finite too."""
+        kinds = self._kinds(stage, step, guard)
         if "nan" in kinds:
             return loss * float("nan")
         if "inf" in kinds:
             return loss + float("inf")
         return loss
 
-    def corrupt_grads(self, params, stage: str, step: int, rollbacks: int) -> None:
-        """Writes a NaN into the first gradient when a grad-nan fault fires (the loss stays finite)."""
-        if "grad-nan" not in self._kinds(stage, step, rollbacks):
+    def at_step(self, params, stage: str, step: int, guard) -> None:
+        """At the optimizer step, before the guard looks: a NaN into the first gradient
+        (grad-nan), or SIGKILL of this process (kill)."""
+        kinds = self._kinds(stage, step, guard)
+        if "kill" in kinds:
+            sys.stdout.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+        if "grad-nan" not in kinds:
             return
         for p in params:
             if p.grad is not None:

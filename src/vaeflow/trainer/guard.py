@@ -107,9 +107,10 @@ class StepGuard:
     def can_roll_back(self) -> bool:
         return self.rollbacks < self.policy.max_rollbacks
 
-    def rolled_back(self, checkpoint_rollbacks: int) -> float:
-        """Count a rollback to a checkpoint taken after `checkpoint_rollbacks` rollbacks;
-        returns the factor for the learning rates loaded from it."""
+    def rolled_back(self, checkpoint_state: dict | None) -> float:
+        """Count a rollback to a checkpoint whose guard state is `checkpoint_state`; returns
+        the factor for the learning rates loaded from it (one backoff per rollback since)."""
+        checkpoint_rollbacks = int((checkpoint_state or {}).get("rollbacks", 0))
         self.rollbacks += 1
         self.consecutive = 0
         return self.policy.lr_backoff ** (self.rollbacks - checkpoint_rollbacks)

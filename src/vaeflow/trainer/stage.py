@@ -27,11 +27,12 @@ from torch import nn
 from vaeflow import checkpoint as ckpt
 from vaeflow.config import fingerprint, resolve_steps, stage_index, stage_names, stage_view
 from vaeflow.losses import AdversarialLoss, KLLoss, PerceptualLoss, ReconstructionLoss, total_correlation
-from vaeflow.trainer import rng
+from vaeflow.trainer import faults, recovery, rng
 from vaeflow.trainer.batches import BatchFetcher, batches_per_epoch, epoch_order
 from vaeflow.trainer.device import resolve_device
 from vaeflow.trainer.distributed import Dist, init_from_env
 from vaeflow.trainer.ema import EMA
+from vaeflow.trainer.guard import Policy, StepGuard, all_finite
 from vaeflow.trainer.optim import build_optimizer, build_scheduler
 
 N_FIXED_SAMPLES = 20  # the same validation images in every grid (seed 000)
@@ -110,6 +111,11 @@ class _Meter:
     sums: dict = field(default_factory=dict)
     count: int = 0
 
+    def merge(self, other: _Meter) -> None:
+        for k, v in other.sums.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.count += other.count
+
     def add(self, values: dict) -> None:
         """Values may be 0-d tensors: they stay on the device until `means()`, so the
         training loop does not wait for the GPU after every batch."""
@@ -152,6 +158,11 @@ class StageTrainer:
             else:
                 self.console.line(f"use_amp: AMP is off on {self.device.type}; training in fp32")
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        self.guard = StepGuard(Policy.from_config(self.tcfg), scaler_enabled=self.scaler.is_enabled())
+        self.faults = faults.from_env()  # None unless VAEFLOW_FAULT is set (a test hook)
+        if self.faults is not None:
+            self.console.line(f"WARNING: {faults.ENV} is set (test hook): {self.faults.describe()}")
+        self.pending_events: list[dict] = []
 
         self.spatial_dims = config["data"].get("spatial_dims", 2)
         self.train_data = BatchFetcher(train_ds, self.tcfg["workers"], config["data"].get("image_size"), self.spatial_dims)
@@ -189,7 +200,8 @@ class StageTrainer:
         s = self.step
         self.recon_loss = ReconstructionLoss(s["recon_type"], s["focal_gamma"], signed=self.model.input_range == "signed")
         self.kl_loss = KLLoss(s["kl_beta"], s["kl_warmup_steps"], s["kl_free_bits"], s["beta_start"], s["beta_end"], s["beta_steps"])
-        self.adv_loss = AdversarialLoss(s["lambda_adv"], s["disc_start"], s["r1_gamma"], s["adaptive_weight"], s["adaptive_weight_max"])
+        self.adv_loss = AdversarialLoss(s["lambda_adv"], s["disc_start"], s["r1_gamma"], s["adaptive_weight"],
+                                        s["adaptive_weight_max"], s["gan_start"], s["lambda_lecam"])
         self.perceptual = None
         if s["use_lpips"]:
             random_backbone = os.environ.get("VAEFLOW_LPIPS_RANDOM_BACKBONE") == "1"
@@ -206,6 +218,8 @@ class StageTrainer:
         self.opt_disc = None
         if self.discriminator is not None and "discriminator" not in self.frozen:
             self.opt_disc = build_optimizer(self.discriminator.parameters(), opt_cfg["optimizers"]["discriminator"])
+            for group in self.opt_disc.param_groups:
+                group["lr"] *= s["disc_lr_mult"]
         scheds = opt_cfg.get("schedulers") or {}
         total_epochs = self._max_epochs()
         self.sched_vae = build_scheduler(self.opt_vae, scheds.get("vae"), total_epochs) if self.opt_vae else None
@@ -314,9 +328,9 @@ class StageTrainer:
             logs["vq_loss"] = out.reg_loss.detach()
         for k, v in (out.stats or {}).items():
             logs[k] = v
-        if self.discriminator is not None and self.adv_loss.active(self.global_step) and not self._vae_frozen():
+        if self.discriminator is not None and self.adv_loss.generator_active(self.global_step) and not self._vae_frozen():
             last = self.model.last_layer_weight() if s["train_vae"] else None
-            adv, g_raw, w = self.adv_loss.generator(self.discriminator, recon.to(self.disc_device), nll, last)
+            adv, g_raw, w = self.adv_loss.generator(self.discriminator, recon.to(self.disc_device), nll, last, self.scaler.scale)
             loss = loss + adv.to(x.device)
             logs["g_loss"], logs["adv_weight"] = g_raw, w.detach()
         logs["vae_loss"] = loss.detach()
@@ -360,6 +374,8 @@ class StageTrainer:
         for chunk in x.chunk(self.micro):
             if self.opt_vae is not None:
                 loss, recon, logs = self._generator_losses(chunk)
+                loss = self._inject(loss)
+                self.guard.observe(loss)
                 self.scaler.scale(loss * scale).backward()
             else:
                 with torch.no_grad(), self._autocast():
@@ -368,30 +384,60 @@ class StageTrainer:
             if train_disc:
                 with self._autocast():
                     d_loss, d_raw = self.adv_loss.discriminator(self.discriminator, chunk.to(self.disc_device), recon.to(self.disc_device))
+                d_loss = self._inject(d_loss)
+                self.guard.observe(d_loss)
                 self.scaler.scale(d_loss * scale).backward()
                 logs["d_loss"] = d_raw
             meter.add(logs)
         # Per-chunk values averaged, still as tensors: converted once per log line.
         return {k: v / meter.count for k, v in meter.sums.items()}
 
-    def _optimizer_step(self) -> None:
-        clip = self.step["grad_clip"]
-        for opt, params in ((self.opt_vae, self._vae_params), (self.opt_disc, self._disc_params)):
-            if opt is None:
-                continue
-            self.dist.average_grads(params())  # before unscaling: an inf on any rank skips the step on all
-            if clip:
-                self.scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(params(), clip)
-            self.scaler.step(opt)
-        self.scaler.update()
-        self.dist.broadcast_module(self.model, buffers_only=True)  # BatchNorm statistics follow rank 0
-        self.dist.broadcast_module(self.discriminator, buffers_only=True)
-        for opt in (self.opt_vae, self.opt_disc):
-            if opt is not None:
-                opt.zero_grad(set_to_none=True)
+    def _inject(self, loss: torch.Tensor) -> torch.Tensor:
+        if self.faults is None:
+            return loss
+        return self.faults.corrupt_loss(loss, self.stage, self.global_step + 1, self.guard)
+
+    def optimizers(self) -> list:
+        return [o for o in (self.opt_vae, self.opt_disc) if o is not None]
+
+    def schedulers(self) -> list:
+        return [s for s in (self.sched_vae, self.sched_disc) if s is not None]
+
+    def _optimizer_step(self) -> str | None:
+        """One optimizer step over the window's gradients; the reason if the guard skipped it."""
+        groups = [(opt, params()) for opt, params in ((self.opt_vae, self._vae_params), (self.opt_disc, self._disc_params)) if opt]
+        for _, params in groups:
+            self.dist.average_grads(params)  # before unscaling: an inf on any rank skips the step on all
+        if self.faults is not None:
+            self.faults.at_step([p for _, ps in groups for p in ps], self.stage, self.global_step + 1, self.guard)
+        reason = self.guard.check([p for _, ps in groups for p in ps], self.device, self.dist)
+        if reason is None:
+            clip = self.step["grad_clip"]
+            for opt, params in groups:
+                if clip:
+                    self.scaler.unscale_(opt)
+                    torch.nn.utils.clip_grad_norm_(params, clip)
+                self.scaler.step(opt)
+            self.scaler.update()
+            self.dist.broadcast_module(self.model, buffers_only=True)  # BatchNorm statistics follow rank 0
+            self.dist.broadcast_module(self.discriminator, buffers_only=True)
+        for opt, _ in groups:
+            opt.zero_grad(set_to_none=True)
+        if reason is not None:
+            if self.adv_loss.lecam is not None:
+                self.adv_loss.lecam.discard()
+            return reason
         if self.ema is not None and self.opt_vae is not None:
             self.ema.update(self.model)
+        if self.adv_loss.lecam is not None:
+            self.adv_loss.lecam.commit(self._rank_mean)
+        return None
+
+    def _rank_mean(self, t: torch.Tensor) -> torch.Tensor:
+        if self.dist.enabled:
+            torch.distributed.all_reduce(t)
+            t = t / self.dist.world
+        return t
 
     # ------------------------------------------------------------------ validation and samples
     def eval_model(self) -> nn.Module:
@@ -464,6 +510,8 @@ class StageTrainer:
             "optimizers": {k: o.state_dict() for k, o in (("vae", self.opt_vae), ("discriminator", self.opt_disc)) if o},
             "schedulers": {k: s.state_dict() for k, s in (("vae", self.sched_vae), ("discriminator", self.sched_disc)) if s},
             "scaler": self.scaler.state_dict(),
+            "nonfinite": self.guard.state_dict(),
+            "lecam": self.adv_loss.lecam.state_dict() if self.adv_loss.lecam is not None else None,
             "rng": rng.capture(),
             "rng_ranks": self.dist.gather(rng.capture()) if self.dist.enabled else None,
             "data_state": {"epoch": self.epoch, "batch": self.batch, "micro": self.micro},
@@ -497,6 +545,9 @@ class StageTrainer:
             if sch is not None:
                 sch.load_state_dict(st["schedulers"][key])
         self.scaler.load_state_dict(st["scaler"])
+        self.guard.load_state_dict(st.get("nonfinite"))
+        if self.adv_loss.lecam is not None and st.get("lecam") is not None:
+            self.adv_loss.lecam.load_state_dict(st["lecam"])
         ranks = st.get("rng_ranks")
         if self.dist.enabled and ranks and len(ranks) == self.dist.world:
             rng.restore(ranks[self.dist.rank])
@@ -514,8 +565,12 @@ class StageTrainer:
             ckpt.save(state, self.paths.work(name))
 
     def _save_last(self) -> None:
+        if not all_finite([self.model, self.discriminator]):  # keep the last good rollback target
+            self.console.line(f"WARNING: non-finite weights at step {self.global_step}: resume checkpoint not updated")
+            return
         self.metrics_offset = self._metrics_size()
         self._save("last.pt")
+        self.pending_events = []
 
     def _metrics_size(self) -> int:
         p = self.paths.work("metrics.jsonl")
@@ -534,16 +589,22 @@ class StageTrainer:
         last = self.paths.work("last.pt")
         if not last.exists():
             self._drop_running()
+            if self.guard.policy.max_rollbacks > 0:
+                self._save_last()  # the first rollback target
             return
         try:
             st = ckpt.load_vaeflow(last)
         except ckpt.CheckpointError as exc:
             self.console.line(f"WARNING: ignoring unreadable resume state ({exc}); starting the stage over")
             self._drop_running()
+            if self.guard.policy.max_rollbacks > 0:
+                self._save_last()  # the first rollback target
             return
         if st.get("fingerprint") != self.run_fingerprint:
             self.console.line("Discarding resume state from an earlier run: the stage's config or prior artifact changed")
             self._drop_running()
+            if self.guard.policy.max_rollbacks > 0:
+                self._save_last()  # the first rollback target
             return
         self.load_state(st)
         # Drop metric lines written after that checkpoint: they will be written again.
@@ -585,15 +646,17 @@ class StageTrainer:
             parts.append(f"VQ: {values['vq_loss']:.4f}")
         if s["gan_training"]:
             parts += [f"G: {values.get('g_loss', 0.0):.3f}", f"D: {values.get('d_loss', 0.0):.3f}"]
+        if "adv_weight" in values:
+            parts.append(f"w_adv: {values['adv_weight']:.3g}")
         if s["use_lpips"]:
             parts.append(f"LPIPS: {values.get('lpips_loss', 0.0):.4f}")
         parts += [f"{batch_time:.2f}s/batch", f"{imgs_per_s:.0f} img/s"]
         self.console.line(" | ".join(parts))
         self._write_jsonl({"split": "train", "metrics": values})
 
-    def _write_jsonl(self, record: dict) -> None:
+    def _write_jsonl(self, record: dict) -> dict | None:
         if not self.dist.main:
-            return
+            return None
         record = {
             "timestamp": datetime.now().isoformat(),
             "session_id": self.session_id,
@@ -606,6 +669,7 @@ class StageTrainer:
         self.paths.running.mkdir(parents=True, exist_ok=True)
         with open(self.paths.work("metrics.jsonl"), "a") as f:
             f.write(json.dumps(record) + "\n")
+        return record
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> dict:
@@ -620,8 +684,9 @@ class StageTrainer:
         while not self.finished:
             order = epoch_order(len(self.train_data), self.seed, self.index, self.epoch)
             self.console.start_bar(self.n_batches, self.batch, f"{self.stage} epoch {self.epoch + 1}")
-            meter, epoch_meter = _Meter(), _Meter()
+            meter, epoch_meter, window = _Meter(), _Meter(), _Meter()
             t_log, imgs_log = time.perf_counter(), 0
+            rolled_back = False
             for x in self.train_data.iterate(order, self.batch_size, self.batch, self.n_batches, self.dist.shard):
                 x = _to_model_range(x, self.model).to(self.device, non_blocking=True)
                 window_pos = self.batch % self.accum
@@ -629,12 +694,21 @@ class StageTrainer:
                 self.batch += 1
                 imgs_log += x.shape[0]
                 images_seen += x.shape[0]
-                meter.add(values)
-                epoch_meter.add(values)
+                window.add(values)
                 self.console.tick()
                 if self.batch % self.accum and self.batch != self.n_batches:
                     continue
-                self._optimizer_step()
+                reason = self._optimizer_step()
+                if reason is not None:  # skipped: its losses stay out of the means
+                    window = _Meter()
+                    if recovery.on_skip(self, reason):
+                        rolled_back = True
+                        break
+                    continue
+                self.guard.passed()
+                meter.merge(window)
+                epoch_meter.merge(window)
+                window = _Meter()
                 self.global_step += 1
                 if self.global_step % self.tcfg["log_every"] == 0 or self.batch == self.n_batches:
                     dt = time.perf_counter() - t_log
@@ -644,7 +718,8 @@ class StageTrainer:
                 if self.global_step % self.tcfg["save_every"] == 0 and self.batch != self.n_batches:
                     self._save_last()
             self.console.close_bar()
-            self._end_epoch(self.dist.mean_dict(epoch_meter.means()), max_epochs)
+            if not rolled_back:
+                self._end_epoch(self.dist.mean_dict(epoch_meter.means()), max_epochs)
         self._publish()
         elapsed = time.perf_counter() - t_start
         summary = {
@@ -654,10 +729,13 @@ class StageTrainer:
             "best_val_loss": self.best_val,
             "seconds": round(elapsed, 2),
             "images_per_s": round(images_seen * self.dist.world / max(elapsed, 1e-9), 1),
+            "nonfinite_skipped": self.guard.skipped,
+            "rollbacks": self.guard.rollbacks,
         }
         self.console.line(
             f"Stage {self.stage} done: {self.epoch} epochs, {self.global_step} steps, "
             f"best val_loss {self.best_val:.5f}, {elapsed:.1f}s this run ({summary['images_per_s']:.0f} img/s)"
+            + (f"; {self.guard.skipped} non-finite steps skipped, {self.guard.rollbacks} rollback(s)" if self.guard.skipped else "")
         )
         return summary
 

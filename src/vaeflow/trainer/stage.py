@@ -644,8 +644,8 @@ class StageTrainer:
             parts.append(f"KL: {values['kl_loss']:.2f}")
         if "vq_loss" in values:
             parts.append(f"VQ: {values['vq_loss']:.4f}")
-        if s["gan_training"]:
-            parts += [f"G: {values.get('g_loss', 0.0):.3f}", f"D: {values.get('d_loss', 0.0):.3f}"]
+        if s["gan_training"]:  # each once it trains (disc_start, gan_start)
+            parts += [f"{k}: {values[n]:.3f}" for k, n in (("G", "g_loss"), ("D", "d_loss")) if n in values]
         if "adv_weight" in values:
             parts.append(f"w_adv: {values['adv_weight']:.3g}")
         if s["use_lpips"]:

@@ -38,6 +38,8 @@ def test_when_a_fault_fires():
     assert once.fires("s", 5, 0, 0) and not once.fires("s", 5, 0, 1) and not once.fires("s", 5, 1, 0)
     assert always.fires("s", 5, 7, 3)
     assert later.fires("s", 5, 2, 0) and not later.fires("s", 5, 1, 0)
+    ranked = faults.FaultPlan.parse("nan@step:5:rank=1").faults[0]
+    assert not ranked.fires("s", 5, 0, 0)  # this process is rank 0 (RANK unset)
     staged = faults.FaultPlan.parse("nan@step:5:stage=vae_gan").faults[0]
     assert staged.fires("vae_gan", 5, 0, 0) and not staged.fires("vae_warmup", 5, 0, 0)
 

@@ -98,3 +98,24 @@ def test_a_persistent_fault_stops_with_one_message_and_exit_code(project):
     assert "after 1 rollback(s) to results/vae_gan/running/last.pt (step 0)" in line and "max_rollbacks=1 reached" in line
     assert (project / "results" / "vae_gan" / "running" / "last.pt").exists()
     assert not (project / "results" / "vae_gan" / "best.pt").exists()
+
+
+def test_data_parallel_ranks_take_the_same_decision(project):
+    """A NaN loss on rank 1 only: rank 0's loss is finite, so only the all-reduced flag can
+    make rank 0 skip for the reason "loss" (its own gradients turn NaN only through the
+    gradient average). Both ranks skip; the run neither deadlocks nor diverges."""
+    single_gan_stage(project)
+    cfg_path = project / "config" / "config.yaml"
+    cfg = yaml.safe_load(cfg_path.read_text())
+    cfg["training"]["distributed"] = {"nproc_per_node": 2, "backend": "gloo"}
+    cfg["training"]["pipeline"]["steps"][0]["n_epochs"] = 1
+    cfg["training"]["pipeline"]["defaults"]["max_steps"] = 6
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    out = run(TRAIN + ["vae_gan"], project, VAEFLOW_FAULT="nan@step:3:rank=1:once").stdout
+    assert "Data parallel over 2 processes" in out
+    assert out.count("Non-finite loss at stage vae_gan, optimizer step 3") == 1  # rank 0 logs, for both
+    st = torch.load(project / "results" / "vae_gan" / "last.pt", weights_only=True)
+    assert st["global_step"] == 5 and st["nonfinite"]["skipped"] == 1
+    assert finite(st["model"]) and finite(st["discriminator"])
+    assert [(e["event"], e["details"]["reason"]) for e in events(project / "results" / "vae_gan" / "metrics.jsonl")] == \
+           [("nonfinite_skip", "loss")]

@@ -7,6 +7,7 @@
     VAEFLOW_FAULT=nan@step:5:once              only the first attempt of step 5 fails
     VAEFLOW_FAULT=nan@step:5:always            fails even after rollbacks
     VAEFLOW_FAULT=kill@step:8:rollbacks=1      SIGKILL at step 8 once the stage has rolled back once
+    VAEFLOW_FAULT=nan@step:5:rank=1            on data-parallel rank 1 only (RANK, set by torchrun)
     VAEFLOW_FAULT="nan@step:5;kill@step:9"     several faults, separated by ';'
 
 Steps count from 1 within a stage, as `global_step` in metrics.jsonl: step N is the
@@ -38,7 +39,7 @@ from vaeflow.config import ConfigError
 ENV = "VAEFLOW_FAULT"
 KINDS = ("nan", "inf", "grad-nan", "kill")
 _FAULT = re.compile(r"^(?P<kind>[a-z-]+)@step:(?P<steps>\d+(?:,\d+)*)(?P<opts>(?::[a-z]+(?:=[A-Za-z0-9_]*)?)*)$")
-_USAGE = ("expected KIND@step:N[,N...][:stage=NAME][:once|:always|:rollbacks=K] (KIND: nan, inf, grad-nan, kill), "
+_USAGE = ("expected KIND@step:N[,N...][:stage=NAME][:rank=R][:once|:always|:rollbacks=K] (KIND: nan, inf, grad-nan, kill), "
           "';' between faults")
 
 
@@ -48,9 +49,12 @@ class Fault:
     steps: frozenset[int]
     stage: str | None = None
     when: str = "rollbacks=0"  # once | always | rollbacks=K
+    rank: int | None = None
 
     def fires(self, stage: str, step: int, rollbacks: int, consecutive: int) -> bool:
         if step not in self.steps or (self.stage is not None and self.stage != stage):
+            return False
+        if self.rank is not None and self.rank != int(os.environ.get("RANK", "0")):
             return False
         if self.when == "always":
             return True
@@ -63,10 +67,12 @@ def _parse_one(text: str) -> Fault:
     m = _FAULT.match(text)
     if not m or m["kind"] not in KINDS:
         raise ConfigError(ENV, f"{_USAGE}; got {text!r}", source="environment")
-    stage, when = None, "rollbacks=0"
+    stage, when, rank = None, "rollbacks=0", None
     for opt in filter(None, m["opts"].split(":")):
         if opt in ("once", "always") or re.fullmatch(r"rollbacks=\d+", opt):
             when = opt
+        elif re.fullmatch(r"rank=\d+", opt):
+            rank = int(opt.removeprefix("rank="))
         elif opt.startswith("stage=") and len(opt) > len("stage="):
             stage = opt.removeprefix("stage=")
         else:
@@ -74,7 +80,7 @@ def _parse_one(text: str) -> Fault:
     steps = frozenset(int(s) for s in m["steps"].split(","))
     if 0 in steps:
         raise ConfigError(ENV, f"steps count from 1; got {text!r}", source="environment")
-    return Fault(m["kind"], steps, stage, when)
+    return Fault(m["kind"], steps, stage, when, rank)
 
 
 class FaultPlan:
@@ -90,6 +96,7 @@ class FaultPlan:
     def describe(self) -> str:
         return "; ".join(
             f"{f.kind} at step {','.join(map(str, sorted(f.steps)))}" + (f" of {f.stage}" if f.stage else "")
+            + (f" on rank {f.rank}" if f.rank is not None else "")
             + ("" if f.when == "rollbacks=0" else f" ({f.when})")
             for f in self.faults
         )

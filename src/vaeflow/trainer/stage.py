@@ -201,7 +201,7 @@ class StageTrainer:
         self.recon_loss = ReconstructionLoss(s["recon_type"], s["focal_gamma"], signed=self.model.input_range == "signed")
         self.kl_loss = KLLoss(s["kl_beta"], s["kl_warmup_steps"], s["kl_free_bits"], s["beta_start"], s["beta_end"], s["beta_steps"])
         self.adv_loss = AdversarialLoss(s["lambda_adv"], s["disc_start"], s["r1_gamma"], s["adaptive_weight"],
-                                        s["adaptive_weight_max"], s["gan_start"], s["lambda_lecam"])
+                                        s["adaptive_weight_max"], s["gan_start"], s["lambda_lecam"]).to(self.disc_device)
         self.perceptual = None
         if s["use_lpips"]:
             random_backbone = os.environ.get("VAEFLOW_LPIPS_RANDOM_BACKBONE") == "1"

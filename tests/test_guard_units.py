@@ -13,16 +13,17 @@ from vaeflow.losses import KLLoss, LeCAM, adaptive_weight, r1_penalty
 from vaeflow.losses.adversarial import AdversarialLoss
 from vaeflow.trainer import faults
 from vaeflow.trainer.guard import Policy, StepGuard, all_finite, scale_learning_rates
+from vaeflow.trainer.state import TrainState
 
 
 # ---------------------------------------------------------------- VAEFLOW_FAULT
 def test_fault_hook_unset_or_empty_is_none():
-    assert faults.from_env({}) is None
-    assert faults.from_env({"VAEFLOW_FAULT": "  "}) is None
+    assert faults.from_env(environ={}) is None
+    assert faults.from_env(environ={"VAEFLOW_FAULT": "  "}) is None
 
 
 def test_fault_grammar():
-    plan = faults.from_env({"VAEFLOW_FAULT": "nan@step:5,6,7; grad-nan@step:9:stage=vae_gan:always"})
+    plan = faults.from_env(environ={"VAEFLOW_FAULT": "nan@step:5,6,7; grad-nan@step:9:stage=vae_gan:always"})
     nan, grad = plan.faults
     assert (nan.kind, sorted(nan.steps), nan.stage, nan.when) == ("nan", [5, 6, 7], None, "rollbacks=0")
     assert (grad.kind, sorted(grad.steps), grad.stage, grad.when) == ("grad-nan", [9], "vae_gan", "always")
@@ -32,46 +33,45 @@ def test_fault_grammar():
 def test_when_a_fault_fires():
     by_default, once, always, later = faults.FaultPlan.parse(
         "nan@step:5;nan@step:5:once;nan@step:5:always;kill@step:5:rollbacks=2").faults
-    # (rollbacks, consecutive) -> fires?
-    assert by_default.fires("s", 5, 0, 0) and by_default.fires("s", 5, 0, 2) and not by_default.fires("s", 5, 1, 0)
-    assert not by_default.fires("s", 6, 0, 0)
-    assert once.fires("s", 5, 0, 0) and not once.fires("s", 5, 0, 1) and not once.fires("s", 5, 1, 0)
-    assert always.fires("s", 5, 7, 3)
-    assert later.fires("s", 5, 2, 0) and not later.fires("s", 5, 1, 0)
+    # (step, rollbacks, consecutive skips) -> fires?
+    assert by_default.fires(5, 0, 0) and by_default.fires(5, 0, 2) and not by_default.fires(5, 1, 0)
+    assert not by_default.fires(6, 0, 0)
+    assert once.fires(5, 0, 0) and not once.fires(5, 0, 1) and not once.fires(5, 1, 0)
+    assert always.fires(5, 7, 3)
+    assert later.fires(5, 2, 0) and not later.fires(5, 1, 0)
     ranked = faults.FaultPlan.parse("nan@step:5:rank=1").faults[0]
-    assert not ranked.fires("s", 5, 0, 0)  # this process is rank 0 (RANK unset)
-    staged = faults.FaultPlan.parse("nan@step:5:stage=vae_gan").faults[0]
-    assert staged.fires("vae_gan", 5, 0, 0) and not staged.fires("vae_warmup", 5, 0, 0)
+    assert not ranked.fires(5, 0, 0)  # this process is rank 0 (RANK unset)
+    text = "nan@step:5:stage=vae_gan;inf@step:7"
+    assert [f.kind for f in faults.from_env("vae_gan", {"VAEFLOW_FAULT": text}).faults] == ["nan", "inf"]
+    assert [f.kind for f in faults.from_env("vae_warmup", {"VAEFLOW_FAULT": text}).faults] == ["inf"]
 
 
 @pytest.mark.parametrize("text", ["nan", "nan@5", "nan@step:", "nan@step:x", "boom@step:3", "nan@step:0",
                                   "nan@step:3:sometimes", "nan@step:3:stage=", "nan@step:3:rollbacks=x"])
 def test_bad_fault_spec_is_one_clear_error(text):
     with pytest.raises(ConfigError, match="VAEFLOW_FAULT") as err:
-        faults.from_env({"VAEFLOW_FAULT": text})
+        faults.from_env(environ={"VAEFLOW_FAULT": text})
     assert "KIND@step:N" in str(err.value) or "count from 1" in str(err.value)
 
 
 def test_fault_corrupts_the_loss_and_its_gradients_only_at_its_step():
     plan = faults.FaultPlan.parse("nan@step:3;inf@step:4")
-    guard = StepGuard(Policy())
     w = nn.Parameter(torch.ones(3))
     loss = (w * 2).sum()
-    assert torch.equal(plan.corrupt_loss(loss, "s", 2, guard), loss)
-    assert torch.isinf(plan.corrupt_loss(loss, "s", 4, guard))
-    bad = plan.corrupt_loss(loss, "s", 3, guard)
+    assert torch.equal(plan.corrupt_loss(loss, TrainState(global_step=1)), loss)  # attempting step 2
+    assert torch.isinf(plan.corrupt_loss(loss, TrainState(global_step=3)))
+    bad = plan.corrupt_loss(loss, TrainState(global_step=2))
     bad.backward()
     assert torch.isnan(bad) and torch.isnan(w.grad).all()
 
 
 def test_grad_fault_leaves_the_loss_finite():
     plan = faults.FaultPlan.parse("grad-nan@step:2")
-    guard = StepGuard(Policy())
     w = nn.Parameter(torch.ones(3))
     (w * 2).sum().backward()
-    plan.at_step([w], "s", 1, guard)
+    plan.at_step([w], TrainState(global_step=0))
     assert torch.isfinite(w.grad).all()
-    plan.at_step([w], "s", 2, guard)
+    plan.at_step([w], TrainState(global_step=1))
     assert torch.isnan(w.grad[0]) and torch.isfinite(w.grad[1:]).all()
 
 
@@ -104,18 +104,19 @@ def test_guard_with_a_grad_scaler_leaves_inf_gradients_to_it():
 
 def test_guard_counts_rollbacks_and_backoff():
     g = StepGuard(Policy(max_consecutive=2, lr_backoff=0.5, max_rollbacks=2))
-    g.skip()
-    assert not g.wants_rollback()
-    g.passed()
-    g.skip(), g.skip()
-    assert g.wants_rollback() and g.can_roll_back() and g.skipped == 3
-    assert g.rolled_back({"rollbacks": 0}) == 0.5 and g.consecutive == 0
+    st = TrainState()
+    g.skip(st)
+    assert not g.wants_rollback(st)
+    g.passed(st)
+    g.skip(st), g.skip(st)
+    assert g.wants_rollback(st) and g.can_roll_back(st) and st.skipped == 3
+    restored = TrainState()  # the checkpoint's state: no skips, no rollbacks yet
+    assert g.rolled_back(restored, st, checkpoint_rollbacks=0) == 0.5
+    assert (restored.skipped, restored.consecutive_skips, restored.rollbacks) == (3, 0, 1)
     # a second rollback to the same (older) checkpoint: two backoffs relative to it
-    assert g.rolled_back(None) == 0.25
-    assert not g.can_roll_back()
-    h = StepGuard(Policy())
-    h.load_state_dict(g.state_dict())
-    assert h.state_dict() == {"consecutive": 0, "skipped": 3, "rollbacks": 2}
+    again = TrainState()
+    assert g.rolled_back(again, restored, checkpoint_rollbacks=0) == 0.25
+    assert not g.can_roll_back(again)
 
 
 def test_scale_learning_rates_keeps_schedules_consistent():

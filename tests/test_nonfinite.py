@@ -61,7 +61,7 @@ def test_nan_step_is_skipped_then_rolled_back_with_lr_backoff(tmp_path, data_dir
     # 12 batches, 3 skipped, 1 batch replayed after the rollback to the epoch-1 checkpoint (step 4)
     assert summary["global_step"] == last["global_step"] == 10
     assert summary["nonfinite_skipped"] == 3 and summary["rollbacks"] == 1
-    assert last["nonfinite"] == {"consecutive": 0, "skipped": 3, "rollbacks": 1}
+    assert (last["skipped"], last["consecutive_skips"], last["rollbacks"]) == (3, 0, 1)
     for key in ("model", "ema", "discriminator"):
         assert all_finite(last[key]), key
     lrs = [g["lr"] for o in ("vae", "discriminator") for g in last["optimizers"][o]["param_groups"]]
@@ -78,7 +78,7 @@ def test_without_the_hook_no_code_path_changes(tmp_path, data_dir, monkeypatch):
     _, armed = one_stage(tmp_path / "armed", data_dir)
     for key in ("model", "ema", "discriminator"):
         assert all(torch.equal(plain[key][k], armed[key][k]) for k in plain[key]), key
-    assert plain["global_step"] == armed["global_step"] == 12 and plain["nonfinite"]["skipped"] == 0
+    assert plain["global_step"] == armed["global_step"] == 12 and plain["skipped"] == 0
     assert not records(tmp_path / "plain", "event")
 
 
@@ -129,32 +129,33 @@ def test_guard_with_fp16_and_a_cpu_grad_scaler_counts_only_real_faults():
     scaler's own overflow skips are left to it; an injected NaN loss is a fault."""
     from vaeflow.trainer.faults import FaultPlan
     from vaeflow.trainer.guard import Policy, StepGuard
+    from vaeflow.trainer.state import TrainState
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
     opt = torch.optim.SGD(model.parameters(), lr=1e-2)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40)  # overflows fp16 at first
-    guard, plan = StepGuard(Policy(), scaler_enabled=True), FaultPlan.parse("nan@step:4:once")
+    guard, plan, st = StepGuard(Policy(), scaler_enabled=True), FaultPlan.parse("nan@step:4:once"), TrainState()
     x, y = torch.randn(16, 8), torch.randn(16, 1)
-    step, scaler_skips = 0, 0
+    scaler_skips = 0
     for _ in range(12):
         with torch.autocast("cpu", dtype=torch.float16):
             loss = torch.nn.functional.mse_loss(model(x).float(), y)
-        loss = plan.corrupt_loss(loss, "s", step + 1, guard)
+        loss = plan.corrupt_loss(loss, st)
         guard.observe(loss)
         scaler.scale(loss).backward()
         if guard.check(list(model.parameters()), torch.device("cpu")) is not None:
-            guard.skip()
+            guard.skip(st)
             opt.zero_grad()
             continue
-        guard.passed()
+        guard.passed(st)
         before = scaler.get_scale()
         scaler.step(opt)
         scaler.update()
         scaler_skips += scaler.get_scale() < before
         opt.zero_grad()
-        step += 1
-    assert scaler_skips >= 1 and guard.skipped == 1
+        st.global_step += 1
+    assert scaler_skips >= 1 and st.skipped == 1
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 

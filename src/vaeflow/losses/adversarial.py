@@ -62,13 +62,13 @@ class AdversarialLoss(nn.Module):
     """
 
     def __init__(self, lambda_adv=0.5, disc_start=0, r1_gamma=0.0, adaptive=True, max_weight=1e4,
-                 gan_start=None, lambda_lecam=0.0):
+                 gan_start=None, lambda_lecam=0.0, lecam: LeCAM | None = None):
         super().__init__()
         self.lambda_adv, self.disc_start, self.r1_gamma = lambda_adv, disc_start, r1_gamma
         self.gan_start = disc_start if gan_start is None else gan_start
         self.adaptive, self.max_weight = adaptive, max_weight
         self.lambda_lecam = lambda_lecam
-        self.lecam = LeCAM() if lambda_lecam > 0 else None
+        self.lecam = (lecam or LeCAM()) if lambda_lecam > 0 else None  # its averages: training state
 
     def active(self, step: int) -> bool:
         """The discriminator trains at this step."""

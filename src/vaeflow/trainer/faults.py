@@ -51,8 +51,9 @@ class Fault:
     when: str = "rollbacks=0"  # once | always | rollbacks=K
     rank: int | None = None
 
-    def fires(self, stage: str, step: int, rollbacks: int, consecutive: int) -> bool:
-        if step not in self.steps or (self.stage is not None and self.stage != stage):
+    def fires(self, step: int, rollbacks: int, consecutive: int) -> bool:
+        """At attempt `step` (from 1), after `rollbacks` rollbacks and `consecutive` skips in a row."""
+        if step not in self.steps:
             return False
         if self.rank is not None and self.rank != int(os.environ.get("RANK", "0")):
             return False
@@ -84,14 +85,16 @@ def _parse_one(text: str) -> Fault:
 
 
 class FaultPlan:
-    """The parsed VAEFLOW_FAULT: which steps of which stage fail, and how."""
+    """The parsed VAEFLOW_FAULT, for one stage: which of its steps fail, and how. Whether a
+    fault fires is read from the stage's TrainState (global_step, rollbacks, consecutive_skips)."""
 
-    def __init__(self, faults: list[Fault]):
-        self.faults = faults
+    def __init__(self, faults: list[Fault], stage: str | None = None):
+        self.faults = [f for f in faults if stage is None or f.stage in (None, stage)]
+        self.stage = stage
 
     @classmethod
-    def parse(cls, text: str) -> FaultPlan:
-        return cls([_parse_one(part.strip()) for part in text.split(";") if part.strip()])
+    def parse(cls, text: str, stage: str | None = None) -> FaultPlan:
+        return cls([_parse_one(part.strip()) for part in text.split(";") if part.strip()], stage)
 
     def describe(self) -> str:
         return "; ".join(
@@ -99,24 +102,25 @@ class FaultPlan:
             + (f" on rank {f.rank}" if f.rank is not None else "")
             + ("" if f.when == "rollbacks=0" else f" ({f.when})")
             for f in self.faults
-        )
+        ) or "nothing in this stage"
 
-    def _kinds(self, stage: str, step: int, guard) -> set[str]:
-        return {f.kind for f in self.faults if f.fires(stage, step, guard.rollbacks, guard.consecutive)}
+    def _kinds(self, state) -> set[str]:
+        step = state.global_step + 1  # the step being attempted
+        return {f.kind for f in self.faults if f.fires(step, state.rollbacks, state.consecutive_skips)}
 
-    def corrupt_loss(self, loss: torch.Tensor, stage: str, step: int, guard) -> torch.Tensor:
+    def corrupt_loss(self, loss: torch.Tensor, state) -> torch.Tensor:
         """The loss times NaN (or plus inf) when a loss fault fires: its gradients turn non-finite too."""
-        kinds = self._kinds(stage, step, guard)
+        kinds = self._kinds(state)
         if "nan" in kinds:
             return loss * float("nan")
         if "inf" in kinds:
             return loss + float("inf")
         return loss
 
-    def at_step(self, params, stage: str, step: int, guard) -> None:
+    def at_step(self, params, state) -> None:
         """At the optimizer step, before the guard looks: a NaN into the first gradient
         (grad-nan), or SIGKILL of this process (kill)."""
-        kinds = self._kinds(stage, step, guard)
+        kinds = self._kinds(state)
         if "kill" in kinds:
             sys.stdout.flush()
             os.kill(os.getpid(), signal.SIGKILL)
@@ -128,6 +132,7 @@ class FaultPlan:
                 return
 
 
-def from_env(environ=None) -> FaultPlan | None:
+def from_env(stage: str | None = None, environ=None) -> FaultPlan | None:
+    """The faults VAEFLOW_FAULT sets for `stage` (all stages: None); None when unset or empty."""
     text = (environ if environ is not None else os.environ).get(ENV, "").strip()
-    return FaultPlan.parse(text) if text else None
+    return FaultPlan.parse(text, stage) if text else None

@@ -57,14 +57,12 @@ def _all_finite(tensors, device: torch.device) -> torch.Tensor:
 
 
 class StepGuard:
-    """Counts, decides and remembers; the trainer does the skipping and the rollback."""
+    """Decides whether a step may go ahead, and what follows a skip. The counts live in the
+    `TrainState` (skipped, consecutive_skips, rollbacks), so checkpoints carry them."""
 
     def __init__(self, policy: Policy, scaler_enabled: bool = False):
         self.policy = policy
         self.scaler_enabled = scaler_enabled
-        self.consecutive = 0  # skips in a row
-        self.skipped = 0  # skips in this stage
-        self.rollbacks = 0
         self._loss_ok: torch.Tensor | None = None
 
     # ---------------------------------------------------------------- within a window
@@ -94,36 +92,30 @@ class StepGuard:
         return "gradients" if bad_grads else None
 
     # ---------------------------------------------------------------- after the decision
-    def passed(self) -> None:
-        self.consecutive = 0
+    @staticmethod
+    def passed(state) -> None:
+        state.consecutive_skips = 0
 
-    def skip(self) -> None:
-        self.consecutive += 1
-        self.skipped += 1
+    @staticmethod
+    def skip(state) -> None:
+        state.consecutive_skips += 1
+        state.skipped += 1
 
-    def wants_rollback(self) -> bool:
-        return self.consecutive >= self.policy.max_consecutive
+    def wants_rollback(self, state) -> bool:
+        return state.consecutive_skips >= self.policy.max_consecutive
 
-    def can_roll_back(self) -> bool:
-        return self.rollbacks < self.policy.max_rollbacks
+    def can_roll_back(self, state) -> bool:
+        return state.rollbacks < self.policy.max_rollbacks
 
-    def rolled_back(self, checkpoint_state: dict | None) -> float:
-        """Count a rollback to a checkpoint whose guard state is `checkpoint_state`; returns
-        the factor for the learning rates loaded from it (one backoff per rollback since)."""
-        checkpoint_rollbacks = int((checkpoint_state or {}).get("rollbacks", 0))
-        self.rollbacks += 1
-        self.consecutive = 0
-        return self.policy.lr_backoff ** (self.rollbacks - checkpoint_rollbacks)
-
-    # ---------------------------------------------------------------- checkpoints
-    def state_dict(self) -> dict:
-        return {"consecutive": self.consecutive, "skipped": self.skipped, "rollbacks": self.rollbacks}
-
-    def load_state_dict(self, state: dict | None) -> None:
-        state = state or {}
-        self.consecutive = int(state.get("consecutive", 0))
-        self.skipped = int(state.get("skipped", 0))
-        self.rollbacks = int(state.get("rollbacks", 0))
+    def rolled_back(self, state, before, checkpoint_rollbacks: int) -> float:
+        """`state` was just restored from a checkpoint taken after `checkpoint_rollbacks`
+        rollbacks; `before` is the state the rollback left. Carries the counts over, counts
+        this rollback and returns the factor for the restored learning rates (one backoff
+        per rollback since that checkpoint)."""
+        state.skipped = before.skipped
+        state.rollbacks = before.rollbacks + 1
+        state.consecutive_skips = 0
+        return self.policy.lr_backoff ** (state.rollbacks - checkpoint_rollbacks)
 
 
 def scale_learning_rates(optimizers, schedulers, factor: float) -> None:

@@ -45,6 +45,7 @@ from vaeflow import config as cfg  # noqa: E402
 from vaeflow.data import PreparedDataset, prepare_dataset  # noqa: E402
 from vaeflow.trainer import StageTrainer, run_stage  # noqa: E402
 from vaeflow.trainer.faults import ENV as FAULT_ENV  # noqa: E402
+from vaeflow.trainer.validation import validate  # noqa: E402
 
 
 def psnr(mse_signed: float) -> float:
@@ -53,21 +54,20 @@ def psnr(mse_signed: float) -> float:
 
 
 class Recorder(StageTrainer):
-    """The stage trainer, also validating the raw (non-EMA) weights at every validation."""
+    """The stage trainer, also recording the validation PSNR of the raw and EMA weights
+    before each epoch end (where the stage validates)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.curve: list[dict] = []
 
-    def validate(self) -> dict:
-        vals = super().validate()
-        ema, self.ema = self.ema, None  # eval_model() -> the raw weights
-        try:
-            raw = super().validate()
-        finally:
-            self.ema = ema
-        self.curve.append({"step": self.global_step, "ema": psnr(vals["val_recon"]), "raw": psnr(raw["val_recon"])})
-        return vals
+    def _end_epoch(self, train_means: dict) -> None:
+        bs, device = self.config["evaluation"]["batch_size"], self.devices.main
+        point = {"step": self.state.global_step}
+        for kind, model in (("raw", self.models.model), ("ema", self.models.eval_model())):
+            point[kind] = psnr(validate(model, self.val_data, self.objective, bs, device)["val_recon"])
+        self.curve.append(point)
+        super()._end_epoch(train_means)
 
 
 def settings(a: int, lecam: float) -> dict[str, tuple[dict, str | None]]:

@@ -20,9 +20,10 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from vaeflow.losses import PerceptualWeightsMissing
     from vaeflow.provenance import ProvenanceError
     from vaeflow.sample import SampleError
+    from vaeflow.trainer.guard import NonFiniteError
 
     return (ConfigError, DataError, CheckpointError, PerceptualWeightsMissing, SampleError, ProvenanceError,
-            FileNotFoundError)
+            FileNotFoundError, NonFiniteError)
 
 
 def _load_config(args):

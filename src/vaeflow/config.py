@@ -39,6 +39,9 @@ STEP_DEFAULTS: dict[str, Any] = {
     "adaptive_weight": True,
     "adaptive_weight_max": 1.0e4,
     "disc_start": 0,
+    "gan_start": None,
+    "lambda_lecam": 0.0,
+    "disc_lr_mult": 1.0,
     "r1_gamma": 0.0,
     "freeze": [],
     "unfreeze": [],
@@ -224,6 +227,9 @@ def _check_semantics(config: dict, source: str | None) -> None:
                 f"steps[{i}] uses an R1 penalty (r1_gamma), which BatchNorm breaks: use group, instance or none",
                 source,
             )
+        if step["gan_start"] is not None and step["gan_start"] < step["disc_start"]:
+            raise ConfigError(f"{where}.gan_start", f"must be >= disc_start ({step['disc_start']}): "
+                              "the generator would meet a discriminator that does not train yet", source)
         trans = step["transition_on"]
         if trans.get("mode", "epoch") == "loss_threshold":
             for key in ("metric", "threshold", "max_epochs"):

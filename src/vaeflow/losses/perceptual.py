@@ -123,6 +123,12 @@ class PerceptualLoss(nn.Module):
         self.lpips.eval().requires_grad_(False)
 
     def forward(self, recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """fp32 whatever the autocast state: LPIPS normalizes features channel-wise and sums
+        small squared differences, which fp16/bf16 round away."""
+        with torch.autocast(device_type=recon.device.type, enabled=False):
+            return self._forward_fp32(recon.float(), target.float())
+
+    def _forward_fp32(self, recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if recon.dim() == 5:  # volumes: score every slice along depth
             recon = recon.transpose(1, 2).flatten(0, 1)
             target = target.transpose(1, 2).flatten(0, 1)

@@ -24,6 +24,9 @@ class TrainState:
     finished: bool = False
     metrics_offset: int = 0  # size of metrics.jsonl when this state was saved
     history: dict = field(default_factory=dict)  # metric name -> one value per epoch
+    skipped: int = 0  # non-finite steps skipped (trainer/guard.py)
+    consecutive_skips: int = 0
+    rollbacks: int = 0
 
     @classmethod
     def keys(cls) -> set[str]:
@@ -56,6 +59,7 @@ def checkpoint(sid: StageId, state: TrainState, models: Models, opts: Optimizers
         "optimizers": {k: o.state_dict() for k, o in opts.named() if o},
         "schedulers": {k: s.state_dict() for k, s in opts.named_schedulers() if s},
         "scaler": opts.scaler.state_dict(),
+        "lecam": models.lecam.state_dict() if models.lecam is not None else None,
         "rng": rng.capture(),
         "rng_ranks": dist.gather(rng.capture()) if dist.enabled else None,
         **asdict(state),
@@ -85,6 +89,8 @@ def restore(st: dict, models: Models, opts: Optimizers, dist) -> TrainState:
         if sch is not None:
             sch.load_state_dict(st["schedulers"][key])
     opts.scaler.load_state_dict(st["scaler"])
+    if models.lecam is not None and st.get("lecam") is not None:
+        models.lecam.load_state_dict(st["lecam"])
     ranks = st.get("rng_ranks")
     if dist.enabled and ranks and len(ranks) == dist.world:
         rng.restore(ranks[dist.rank])

@@ -7,14 +7,18 @@ import torch
 
 from vaeflow.trainer.build import Models, Optimizers
 from vaeflow.trainer.console import Meter
+from vaeflow.trainer.faults import FaultPlan
+from vaeflow.trainer.guard import StepGuard
 from vaeflow.trainer.objective import Objective
 from vaeflow.trainer.state import TrainState
 
 
 class TrainStep:
-    def __init__(self, step: dict, models: Models, objective: Objective, opts: Optimizers, dist, console):
+    def __init__(self, step: dict, models: Models, objective: Objective, opts: Optimizers, dist, console,
+                 guard: StepGuard, faults: FaultPlan | None = None):
         self.step, self.models, self.objective, self.opts = step, models, objective, opts
         self.dist, self.console = dist, console
+        self.guard, self.faults = guard, faults  # faults: VAEFLOW_FAULT's test hook, None when unset
         self.accum = step["grad_accum_steps"]
         self.on_cuda = objective.devices.main.type == "cuda"
         self._snapshots = (None, None)
@@ -44,12 +48,14 @@ class TrainStep:
         )
         meter = Meter()
         scale = 1.0 / (state.micro * self.accum)
-        adv_active = objective.losses.adv.active(state.global_step)
-        train_disc = opts.disc is not None and adv_active
-        adversarial = models.discriminator is not None and adv_active and opts.vae is not None
+        adv = objective.losses.adv
+        train_disc = opts.disc is not None and adv.active(state.global_step)  # from disc_start
+        adversarial = models.discriminator is not None and adv.generator_active(state.global_step) and opts.vae is not None
         for chunk in x.chunk(state.micro):
             if opts.vae is not None:
-                loss, recon, logs = objective.generator(models.model, models.discriminator, chunk, state.global_step, adversarial)
+                loss, recon, logs = objective.generator(models.model, models.discriminator, chunk, state.global_step,
+                                                        adversarial, opts.scaler.scale)
+                loss = self._checked(loss, state)
                 opts.scaler.scale(loss * scale).backward()
             else:
                 with torch.no_grad(), objective.devices.autocast():
@@ -57,11 +63,19 @@ class TrainStep:
                 logs = {}
             if train_disc:
                 d_loss, d_raw = objective.discriminator(models.discriminator, chunk, recon)
+                d_loss = self._checked(d_loss, state)
                 opts.scaler.scale(d_loss * scale).backward()
                 logs["d_loss"] = d_raw
             meter.add(logs)
         # Per-chunk values averaged, still as tensors: converted once per log line.
         return {k: v / meter.count for k, v in meter.sums.items()}
+
+    def _checked(self, loss: torch.Tensor, state: TrainState) -> torch.Tensor:
+        """The loss as the guard will judge it (VAEFLOW_FAULT may corrupt it first)."""
+        if self.faults is not None:
+            loss = self.faults.corrupt_loss(loss, state)
+        self.guard.observe(loss)
+        return loss
 
     def _vae_params(self) -> list:
         return [p for p in self.models.model.parameters() if p.requires_grad]
@@ -74,22 +88,40 @@ class TrainStep:
             for p, g in zip(group, snap or [None] * len(group)):
                 p.grad = None if g is None else g.clone()
 
-    def optimizer_step(self) -> None:
-        """Average gradients over ranks, clip, step, then update the EMA weights."""
+    def optimizer_step(self, state: TrainState) -> str | None:
+        """Average gradients over ranks; unless the guard finds the window non-finite (then
+        returns its reason and drops the gradients), clip, step, update the EMA and LeCAM."""
         clip, scaler, models = self.step["grad_clip"], self.opts.scaler, self.models
-        for opt, params in ((self.opts.vae, self._vae_params), (self.opts.disc, self._disc_params)):
-            if opt is None:
-                continue
-            self.dist.average_grads(params())  # before unscaling: an inf on any rank skips the step on all
-            if clip:
-                scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(params(), clip)
-            scaler.step(opt)
-        scaler.update()
-        self.dist.broadcast_module(models.model, buffers_only=True)  # BatchNorm statistics follow rank 0
-        self.dist.broadcast_module(models.discriminator, buffers_only=True)
-        for _, opt in self.opts.named():
-            if opt is not None:
-                opt.zero_grad(set_to_none=True)
+        groups = [(opt, params()) for opt, params in ((self.opts.vae, self._vae_params), (self.opts.disc, self._disc_params)) if opt]
+        for _, params in groups:
+            self.dist.average_grads(params)  # before unscaling: an inf on any rank skips the step on all
+        every = [p for _, params in groups for p in params]
+        if self.faults is not None:
+            self.faults.at_step(every, state)
+        reason = self.guard.check(every, self.objective.devices.main, self.dist)
+        if reason is None:
+            for opt, params in groups:
+                if clip:
+                    scaler.unscale_(opt)
+                    torch.nn.utils.clip_grad_norm_(params, clip)
+                scaler.step(opt)
+            scaler.update()
+            self.dist.broadcast_module(models.model, buffers_only=True)  # BatchNorm statistics follow rank 0
+            self.dist.broadcast_module(models.discriminator, buffers_only=True)
+        for opt, _ in groups:
+            opt.zero_grad(set_to_none=True)
+        if reason is not None:
+            if models.lecam is not None:
+                models.lecam.discard()
+            return reason
         if models.ema is not None and self.opts.vae is not None:
             models.ema.update(models.model)
+        if models.lecam is not None:
+            models.lecam.commit(self._rank_mean)
+        return None
+
+    def _rank_mean(self, t: torch.Tensor) -> torch.Tensor:
+        if self.dist.enabled:
+            torch.distributed.all_reduce(t)
+            t = t / self.dist.world
+        return t

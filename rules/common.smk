@@ -8,11 +8,12 @@ from snakemake.utils import validate
 from vaeflow import config as vfconfig
 from vaeflow.dvcgen import DATA_FILES, SUMMARY_FILES, stage_outputs
 from vaeflow.dvcsync import sync_mtimes
+from vaeflow.precheck import check_code_level_cached
 from vaeflow.trainer import prior_artifact
 
 try:
     VF = vfconfig.validate(config)  # one message naming the key path
-    vfconfig.check_code_level(VF)  # model options, LPIPS weights
+    check_code_level_cached(VF)  # model options, LPIPS weights (torch: once per config)
 except (vfconfig.ConfigError, ValueError) as exc:
     raise WorkflowError(str(exc))
 validate(config, "../config/schema.yaml")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable
@@ -52,7 +53,7 @@ STEP_DEFAULTS: dict[str, Any] = {
     "max_steps": None,
     "grad_accum_steps": 1,
     "grad_clip": None,
-    "use_amp": False,
+    "use_amp": "auto",  # vaeflow.trainer.precision: bf16 where it is fast, else fp32
     "amp_dtype": "bf16",
     "allow_microbatching": True,
 }
@@ -73,9 +74,18 @@ class ConfigError(ValueError):
         super().__init__(f"config error in {where}{path or '<root>'}: {message}")
 
 
+def safe_load(text: str):
+    """yaml.safe_load, with libyaml's C parser when PyYAML has it (same safe constructor, ~6x faster)."""
+    return yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+
+
+@lru_cache(maxsize=1)
+def _schema() -> dict:
+    return safe_load(resources.files("vaeflow").joinpath("resources", SCHEMA_FILE).read_text())
+
+
 def schema() -> dict:
-    text = resources.files("vaeflow").joinpath("resources", SCHEMA_FILE).read_text()
-    return yaml.safe_load(text)
+    return copy.deepcopy(_schema())  # parsed once per process
 
 
 def schema_path() -> Path:
@@ -89,7 +99,7 @@ def load_yaml(path: str | Path) -> dict:
     except FileNotFoundError:
         raise ConfigError("", "file not found", source=str(path)) from None
     try:
-        data = yaml.safe_load(text)
+        data = safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError("", f"not valid YAML ({exc})", source=str(path)) from None
     if not isinstance(data, dict):

@@ -33,6 +33,7 @@ from vaeflow.trainer.device import resolve_device
 from vaeflow.trainer.distributed import Dist, init_from_env
 from vaeflow.trainer.ema import EMA
 from vaeflow.trainer.optim import build_optimizer, build_scheduler
+from vaeflow.trainer.precision import choose_precision
 
 N_FIXED_SAMPLES = 20  # the same validation images in every grid (seed 000)
 
@@ -145,13 +146,6 @@ class StageTrainer:
             torch.cuda.set_device(self.device)
         self.disc_device = resolve_device(self.tcfg.get("disc_device"), self.device)
         self.perc_device = resolve_device(self.tcfg.get("perceptual_device"), self.device)
-        self.amp_dtype = None
-        if self.step["use_amp"]:
-            if self.device.type == "cuda":
-                self.amp_dtype = torch.bfloat16 if self.step["amp_dtype"] == "bf16" else torch.float16
-            else:
-                self.console.line(f"use_amp: AMP is off on {self.device.type}; training in fp32")
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
 
         self.spatial_dims = config["data"].get("spatial_dims", 2)
         self.train_data = BatchFetcher(train_ds, self.tcfg["workers"], config["data"].get("image_size"), self.spatial_dims)
@@ -174,6 +168,10 @@ class StageTrainer:
         else:
             self.console.line(f"Stage {stage} starts from scratch (random initialisation)")
         self.ema = EMA(self.model, self.tcfg["ema_decay"]) if self.tcfg["ema_decay"] > 0 else None
+        self.precision = choose_precision(self.step["use_amp"], self.step["amp_dtype"], self.device, self.model,
+                                          self.train_data.fetch(torch.arange(1)).to(self.device))
+        self.console.line(self.precision.describe())
+        self.amp_dtype, self.scaler = self.precision.dtype, self.precision.grad_scaler()
 
         self.discriminator = None
         if self.step["gan_training"]:

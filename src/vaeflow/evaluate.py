@@ -21,7 +21,6 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 import torch
@@ -427,13 +426,3 @@ def summary_line(stage: str, m: dict) -> str:
 
 def _fmt(v, spec: str) -> str:
     return "inf" if v is None else format(v, spec)
-
-
-def iter_stage_metrics(results: str | Path, stages: Iterable[str]) -> dict[str, dict]:
-    """{stage: metrics.json contents} for the stages that have one."""
-    out = {}
-    for s in stages:
-        p = Path(results) / s / "eval" / "metrics.json"
-        if p.exists():
-            out[s] = json.loads(p.read_text())
-    return out

@@ -8,9 +8,9 @@ the library API reject a bad config the same way: one message naming the key.
 from __future__ import annotations
 
 import copy
-import functools
 import hashlib
 import json
+from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable
@@ -56,7 +56,7 @@ STEP_DEFAULTS: dict[str, Any] = {
     "max_steps": None,
     "grad_accum_steps": 1,
     "grad_clip": None,
-    "use_amp": False,
+    "use_amp": "auto",  # vaeflow.trainer.precision: bf16 where it is fast, else fp32
     "amp_dtype": "bf16",
     "allow_microbatching": True,
 }
@@ -77,15 +77,18 @@ class ConfigError(ValueError):
         super().__init__(f"config error in {where}{path or '<root>'}: {message}")
 
 
-@functools.lru_cache(maxsize=1)
+def safe_load(text: str):
+    """yaml.safe_load, with libyaml's C parser when PyYAML has it (same safe constructor, ~6x faster)."""
+    return yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+
+
+@lru_cache(maxsize=1)
 def _schema() -> dict:
-    text = resources.files("vaeflow").joinpath("resources", SCHEMA_FILE).read_text()
-    return yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # safe either way
+    return safe_load(resources.files("vaeflow").joinpath("resources", SCHEMA_FILE).read_text())
 
 
 def schema() -> dict:
-    """The package's JSON schema (parsed once per process; a fresh copy each call)."""
-    return copy.deepcopy(_schema())
+    return copy.deepcopy(_schema())  # parsed once per process
 
 
 def schema_path() -> Path:
@@ -99,7 +102,7 @@ def load_yaml(path: str | Path) -> dict:
     except FileNotFoundError:
         raise ConfigError("", "file not found", source=str(path)) from None
     try:
-        data = yaml.safe_load(text)
+        data = safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError("", f"not valid YAML ({exc})", source=str(path)) from None
     if not isinstance(data, dict):

@@ -15,7 +15,7 @@ import os
 import subprocess
 from pathlib import Path
 
-import yaml
+from vaeflow.config import safe_load
 
 from vaeflow.provenance import CODE_DIR
 
@@ -58,7 +58,7 @@ def sync_mtimes(root: Path = Path(".")) -> list[Path]:
     lock = root / "dvc.lock"
     if not lock.is_file():
         return []
-    stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+    stages = (safe_load(lock.read_text()) or {}).get("stages", {})
     order = _order(stages)
     if not any(_inverted(root, stages[name]) for name in order):
         return []

@@ -24,7 +24,6 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 import torch
@@ -32,7 +31,6 @@ import torch
 from vaeflow import metrics as M
 from vaeflow.checkpoint import atomic_write
 from vaeflow.config import schema_defaults
-from vaeflow.layout import StageLayout
 from vaeflow.eval.fid import rfid_scorer
 from vaeflow.eval.likelihood import batches as _batches
 from vaeflow.eval.likelihood import choose_likelihood, decode_fn, fit_sigma, nll_section  # noqa: F401
@@ -275,13 +273,3 @@ def _perceptual(sec: dict | None) -> str:
 
 def _fmt(v, spec: str) -> str:
     return "inf" if v is None else format(v, spec)
-
-
-def iter_stage_metrics(results: str | Path, stages: Iterable[str]) -> dict[str, dict]:
-    """{stage: metrics.json contents} for the stages that have one."""
-    out = {}
-    for s in stages:
-        p = StageLayout(results, s).eval_metrics
-        if p.exists():
-            out[s] = json.loads(p.read_text())
-    return out

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Iterable
 
 import pandas as pd
 
@@ -207,3 +208,13 @@ def write_summary(metrics: dict[str, dict], csv: str | Path, md: str | Path, htm
         )
         atomic_write(html, lambda f: f.write(page.encode()))
     return df
+
+
+def iter_stage_metrics(results: str | Path, stages: Iterable[str]) -> dict[str, dict]:
+    """{stage: metrics.json contents} for the stages that have one."""
+    out = {}
+    for s in stages:
+        p = StageLayout(results, s).eval_metrics
+        if p.exists():
+            out[s] = json.loads(p.read_text())
+    return out

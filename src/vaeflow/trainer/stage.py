@@ -24,6 +24,7 @@ from vaeflow.trainer.console import Console, Meter, train_line
 from vaeflow.trainer.distributed import Dist, init_from_env
 from vaeflow.trainer.guard import Policy, StepGuard, all_finite
 from vaeflow.trainer.objective import Objective
+from vaeflow.trainer.precision import choose_precision
 from vaeflow.trainer.rundir import RunDir
 from vaeflow.trainer.state import StageId, TrainState
 from vaeflow.trainer.step import TrainStep
@@ -53,6 +54,10 @@ class StageTrainer:
         layout = Layout(results_dir)
         init_path = layout.prior_checkpoint(stage_names(config), stage)
         self.models = build_models(config, stage, s, self.devices, init_path, first_image(train_ds), self.console)
+        self.precision = choose_precision(s["use_amp"], s["amp_dtype"], self.devices.main, self.models.model,
+                                          self.train_data.fetch(torch.arange(1)).to(self.devices.main))
+        self.console.line(self.precision.describe())
+        self.devices.amp_dtype = self.precision.dtype
         losses = build_losses(s, self.models.model, self.devices.perc, self.console, self.models.lecam)
         self.opts = build_optimizers(stage, s, self.models, self.devices)
         self.objective = Objective(s, losses, self.devices, len(self.train_data))

@@ -13,12 +13,14 @@ from pathlib import Path
 
 def _known_errors() -> tuple[type[BaseException], ...]:
     from vaeflow.checkpoint import CheckpointError
+    from vaeflow.collectives import CollectiveError
     from vaeflow.config import ConfigError
     from vaeflow.data import DataError
     from vaeflow.losses import PerceptualWeightsMissing
     from vaeflow.sample import SampleError
 
-    return (ConfigError, DataError, CheckpointError, PerceptualWeightsMissing, SampleError, FileNotFoundError)
+    return (ConfigError, DataError, CheckpointError, PerceptualWeightsMissing, SampleError, FileNotFoundError,
+            CollectiveError)
 
 
 def _load_config(args):
@@ -71,13 +73,13 @@ def cmd_train(args) -> int:
     from vaeflow.trainer import run_stage
 
     config = _load_config(args)
-    nproc = config["training"]["distributed"]["nproc_per_node"]
-    if nproc > 1 and "WORLD_SIZE" not in os.environ:
-        # Relaunch this very command under torchrun: one process per device.
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "vaeflow.cli", "train", "--config", *args.config, "--results", args.results, "--stage", args.stage]
-        sys.stdout.flush()
-        os.execv(sys.executable, cmd)
+    dcfg = config["training"]["distributed"]
+    if dcfg["nproc_per_node"] * dcfg["nnodes"] > 1 and "WORLD_SIZE" not in os.environ:
+        # Relaunch this very command under torchrun: one process per device (trainer/launch.py).
+        from vaeflow.trainer.launch import launch
+
+        worker = ["train", "--config", *args.config, "--results", args.results, "--stage", args.stage]
+        return launch(worker, dcfg, args.rdzv_endpoint, args.rdzv_id)
     run_stage(config, args.stage, args.results)
     return 0
 
@@ -203,6 +205,11 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(sub.add_parser("prepare", help="raw data -> results/data")).set_defaults(func=cmd_prepare)
     sp = with_config(sub.add_parser("train", help="train one stage"))
     sp.add_argument("--stage", required=True)
+    sp.add_argument("--rdzv-endpoint", default=None, metavar="HOST:PORT",
+                    help="training.distributed.nnodes > 1: the rendezvous endpoint, the same on every node "
+                         "(default: $VAEFLOW_RDZV_ENDPOINT)")
+    sp.add_argument("--rdzv-id", default=None, help="several nodes: a run id, the same on every node "
+                    "(default: $VAEFLOW_RDZV_ID, else 'vaeflow')")
     sp.set_defaults(func=cmd_train)
     sp = with_config(sub.add_parser("evaluate", help="test-split metrics of one stage"))
     sp.add_argument("--stage", required=True)
@@ -239,6 +246,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except _known_errors() as exc:
         print(f"vaeflow: error: {exc}", file=sys.stderr)
+        from vaeflow.trainer.launch import record_worker_error
+
+        record_worker_error(exc)  # a torchrun worker: the launcher names this rank's error
         return 2
 
 

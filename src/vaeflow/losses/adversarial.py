@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vaeflow import collectives
+
 
 def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
     return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
@@ -26,9 +28,17 @@ def r1_penalty(discriminator: nn.Module, real: torch.Tensor, gamma: float) -> to
 
 
 def adaptive_weight(nll: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor, max_weight: float = 1e4) -> torch.Tensor:
-    """||d nll / d last|| / ||d g_loss / d last||, clamped (taming-transformers VQGAN)."""
+    """||d nll / d last|| / ||d g_loss / d last||, clamped (taming-transformers VQGAN).
+
+    With several processes both gradients are averaged over the ranks first (one
+    all-reduce), so the weight is the one of the whole global batch, as in one process.
+    """
     nll_grad = torch.autograd.grad(nll, last_layer, retain_graph=True)[0]
     g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+    if collectives.active():
+        both = torch.stack([nll_grad, g_grad])
+        collectives.all_reduce(both)
+        nll_grad, g_grad = both / collectives.world()
     weight = nll_grad.norm() / (g_grad.norm() + 1e-4)
     return weight.clamp(0.0, max_weight).detach()
 

@@ -143,6 +143,7 @@ class StageTrainer:
         if self.dist.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
             torch.cuda.set_device(self.device)
+        self.dist.set_device(self.device)  # collective tensors live on the training device
         self.disc_device = resolve_device(self.tcfg.get("disc_device"), self.device)
         self.perc_device = resolve_device(self.tcfg.get("perceptual_device"), self.device)
         self.amp_dtype = None
@@ -210,6 +211,8 @@ class StageTrainer:
         total_epochs = self._max_epochs()
         self.sched_vae = build_scheduler(self.opt_vae, scheds.get("vae"), total_epochs) if self.opt_vae else None
         self.sched_disc = build_scheduler(self.opt_disc, scheds.get("discriminator"), total_epochs) if self.opt_disc else None
+        # Gradient averaging over ranks, overlapped with backward (no-ops single-process).
+        self.reducers = {"vae": self.dist.reducer(trainable), "disc": self.dist.reducer(self._disc_params())}
 
         self.batch_size = self.tcfg["batch_size"]
         self.n_batches = batches_per_epoch(len(self.train_data), self.batch_size, s["max_steps"])
@@ -357,9 +360,14 @@ class StageTrainer:
         meter = _Meter()
         scale = 1.0 / (self.micro * self.accum)
         train_disc = self.opt_disc is not None and self.adv_loss.active(self.global_step)
-        for chunk in x.chunk(self.micro):
+        chunks = x.chunk(self.micro)
+        closing = (self.batch + 1) % self.accum == 0 or self.batch + 1 == self.n_batches
+        for i, chunk in enumerate(chunks):
+            final = closing and i == len(chunks) - 1  # the last backward before the optimizer step
             if self.opt_vae is not None:
                 loss, recon, logs = self._generator_losses(chunk)
+                if final:
+                    self.reducers["vae"].arm()
                 self.scaler.scale(loss * scale).backward()
             else:
                 with torch.no_grad(), self._autocast():
@@ -368,6 +376,8 @@ class StageTrainer:
             if train_disc:
                 with self._autocast():
                     d_loss, d_raw = self.adv_loss.discriminator(self.discriminator, chunk.to(self.disc_device), recon.to(self.disc_device))
+                if final:
+                    self.reducers["disc"].arm()
                 self.scaler.scale(d_loss * scale).backward()
                 logs["d_loss"] = d_raw
             meter.add(logs)
@@ -376,17 +386,17 @@ class StageTrainer:
 
     def _optimizer_step(self) -> None:
         clip = self.step["grad_clip"]
-        for opt, params in ((self.opt_vae, self._vae_params), (self.opt_disc, self._disc_params)):
+        for opt, params, part in ((self.opt_vae, self._vae_params, "vae"), (self.opt_disc, self._disc_params, "disc")):
             if opt is None:
                 continue
-            self.dist.average_grads(params())  # before unscaling: an inf on any rank skips the step on all
+            self.reducers[part].finish()  # before unscaling: an inf on any rank skips the step on all
             if clip:
                 self.scaler.unscale_(opt)
                 torch.nn.utils.clip_grad_norm_(params(), clip)
             self.scaler.step(opt)
         self.scaler.update()
-        self.dist.broadcast_module(self.model, buffers_only=True)  # BatchNorm statistics follow rank 0
-        self.dist.broadcast_module(self.discriminator, buffers_only=True)
+        self.dist.broadcast_norm_buffers(self.model)  # BatchNorm statistics follow rank 0
+        self.dist.broadcast_norm_buffers(self.discriminator)
         for opt in (self.opt_vae, self.opt_disc):
             if opt is not None:
                 opt.zero_grad(set_to_none=True)
@@ -511,7 +521,8 @@ class StageTrainer:
     def _save(self, name: str) -> None:
         state = self.state()  # every rank: it gathers their RNG states
         if self.dist.main:
-            ckpt.save(state, self.paths.work(name))
+            with self.dist.rank_local("rank 0's checkpoint writing"):
+                ckpt.save(state, self.paths.work(name))
 
     def _save_last(self) -> None:
         self.metrics_offset = self._metrics_size()
@@ -525,6 +536,7 @@ class StageTrainer:
         self.dist.barrier()
         self._resume_checked()
         self.dist.barrier()
+        self.dist.check_agree("the resume point (epoch, batch, step)", (self.epoch, self.batch, self.global_step))
 
     def _drop_running(self) -> None:
         if self.dist.main and self.paths.running.exists():
@@ -676,7 +688,8 @@ class StageTrainer:
             elif sch is not None:
                 sch.step()
         if self.tcfg["sample_every_epoch"] and self.dist.main:
-            self.save_grids()
+            with self.dist.rank_local("rank 0's sample grids"):
+                self.save_grids()
         improved = val["val_loss"] < self.best_val
         if improved:
             self.best_val = val["val_loss"]
@@ -708,7 +721,7 @@ class StageTrainer:
 
 def run_stage(config: dict, stage: str, results_dir="results", train_ds=None, val_ds=None) -> dict:
     """Train one stage; datasets default to the prepared splits under results/data."""
-    distributed = init_from_env(config["training"]["distributed"]["backend"])
+    distributed = init_from_env(config["training"]["distributed"])
     try:
         return _run_stage(config, stage, results_dir, train_ds, val_ds)
     finally:

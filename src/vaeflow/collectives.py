@@ -102,7 +102,7 @@ def where() -> str:
 
 def _same_device(t: torch.Tensor, want: torch.device) -> bool:
     have = t.device
-    return have.type == want.type and (want.index is None or have.index in (None, want.index))
+    return have.type == want.type and (want.index is None or have.index == want.index)
 
 
 def _check(op: str, tensors: list[torch.Tensor]) -> None:

@@ -41,21 +41,22 @@ def _die_with_launcher() -> None:
 
 
 def init_from_env(dcfg: dict) -> bool:
-    """Join the process group torchrun describes in the environment. False if single-process.
+    """Join the process group torchrun describes in the environment.
 
-    dcfg is `training.distributed` (backend, timeout_s).
+    dcfg is `training.distributed` (backend, timeout_s). Returns True if this call created
+    the group (the caller then destroys it); False when single-process or when the caller
+    (a library user, a test) had already set one up.
     """
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         return False
     _die_with_launcher()
     timeout_s = dcfg.get("timeout_s", 600)
     collectives.configure(timeout_s=timeout_s)
-    if not dist.is_initialized():
-        cuda = torch.cuda.is_available()
-        if cuda:  # before the group exists, so nccl binds each rank to its own GPU
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
-        dist.init_process_group(collectives.backend_string(dcfg.get("backend", "auto"), cuda),
-                                timeout=timedelta(seconds=timeout_s))
+    cuda = torch.cuda.is_available()
+    if cuda:  # before the group exists, so nccl binds each rank to its own GPU
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    dist.init_process_group(collectives.backend_string(dcfg.get("backend", "auto"), cuda),
+                            timeout=timedelta(seconds=timeout_s))
     return True
 
 

@@ -84,6 +84,9 @@ def launch(worker_argv: list[str], dcfg: dict, rdzv_endpoint: str | None = None,
     rdzv_endpoint = rdzv_endpoint or os.environ.get(ENDPOINT_ENV)
     rdzv_id = rdzv_id or os.environ.get(ID_ENV)
     opts = torchrun_args(dcfg["nproc_per_node"], dcfg["nnodes"], rdzv_endpoint, rdzv_id, dcfg["timeout_s"])
+    # Workers whose peers failed are stopped with SIGTERM, then SIGKILL after this many seconds
+    # (torchrun's default is 30); checkpoints are atomic, so there is nothing to wait for.
+    os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "5")
     sys.stdout.flush()
     try:
         run(parse_args([*opts, "-m", "vaeflow.cli", *worker_argv]))

@@ -721,11 +721,11 @@ class StageTrainer:
 
 def run_stage(config: dict, stage: str, results_dir="results", train_ds=None, val_ds=None) -> dict:
     """Train one stage; datasets default to the prepared splits under results/data."""
-    distributed = init_from_env(config["training"]["distributed"])
+    created = init_from_env(config["training"]["distributed"])  # False if the caller set one up
     try:
         return _run_stage(config, stage, results_dir, train_ds, val_ds)
     finally:
-        if distributed:
+        if created:
             torch.distributed.destroy_process_group()
 
 

@@ -22,13 +22,15 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import socket
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
-_state = {"device": None, "local": [], "timeout_s": None}
+_state = {"device": None, "local": [], "timeout_s": None, "diagnosis": None}
 _observers: list[Callable] = []
 
 
@@ -67,12 +69,16 @@ def world() -> int:
     return dist.get_world_size() if active() else 1
 
 
-def configure(device: torch.device | str | None = None, timeout_s: float | None = None) -> None:
-    """Declare the training device (collective tensors must live there) and the timeout."""
+def configure(device: torch.device | str | None = None, timeout_s: float | None = None,
+              diagnosis_group=None) -> None:
+    """Declare the training device (collective tensors must live there), the timeout, and a
+    gloo group kept for naming the ranks that stopped answering (`dist.monitored_barrier`)."""
     if device is not None:
         _state["device"] = torch.device(device)
     if timeout_s is not None:
         _state["timeout_s"] = timeout_s
+    if diagnosis_group is not None:
+        _state["diagnosis"] = diagnosis_group
 
 
 def expected_device() -> torch.device | None:
@@ -122,12 +128,30 @@ def _check(op: str, tensors: list[torch.Tensor]) -> None:
         fn(op, tensors)
 
 
+def _missing_ranks() -> str:
+    """After a failed collective: which ranks still answer? Rank 0 learns who does not."""
+    group = _state["diagnosis"]
+    if group is None:
+        return ""
+    secs = min(10.0, _state["timeout_s"] or 10.0)
+    try:
+        dist.monitored_barrier(group=group, timeout=timedelta(seconds=secs), wait_all_ranks=True)
+    except RuntimeError as exc:
+        found = re.search(r"Ranks? ([0-9][0-9, ]*) failed to pass monitoredBarrier", str(exc))
+        if found:
+            return f"; rank(s) {found.group(1).strip()} did not answer within {secs:g} s: stuck or dead"
+        if rank() != 0 and "Timed out" in str(exc):
+            return "; rank 0 did not confirm that every rank answers: it or another rank is stuck"
+        return ""
+    return "; every rank answers again: one was slower than the timeout"
+
+
 def _failed(op: str, exc: BaseException) -> CollectiveError:
     first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
     timeout = _state["timeout_s"]
     hint = f"training.distributed.timeout_s={timeout:g}" if timeout is not None else "the process group's timeout"
     return CollectiveError(
-        f"{where()}: {op} failed ({first}); another rank has died, is stuck past {hint}, "
+        f"{where()}: {op} failed ({first}){_missing_ranks()}. Another rank has died, is stuck past {hint}, "
         "or the network between the ranks failed"
     )
 

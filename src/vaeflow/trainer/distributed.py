@@ -57,6 +57,7 @@ def init_from_env(dcfg: dict) -> bool:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
     dist.init_process_group(collectives.backend_string(dcfg.get("backend", "auto"), cuda),
                             timeout=timedelta(seconds=timeout_s))
+    collectives.configure(diagnosis_group=dist.new_group(backend="gloo"))  # names unresponsive ranks
     return True
 
 

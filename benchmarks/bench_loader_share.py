@@ -17,8 +17,9 @@ import torch
 
 from vaeflow import config as cfg
 from vaeflow.data import PreparedDataset, prepare_dataset
+from vaeflow.metrics import to_model_range
 from vaeflow.trainer.batches import epoch_order
-from vaeflow.trainer.stage import StageTrainer, _to_model_range
+from vaeflow.trainer.stage import StageTrainer
 
 
 def main() -> None:
@@ -41,10 +42,10 @@ def main() -> None:
         for i in range(args.steps + 5):
             idx = order[(i % n_batches) * bs : (i % n_batches + 1) * bs]
             t0 = time.perf_counter()
-            x = _to_model_range(trainer.train_data.fetch(idx), trainer.model).to(trainer.device)
+            x = to_model_range(trainer.train_data.fetch(idx), trainer.models.model).to(trainer.devices.main)
             t1 = time.perf_counter()
-            trainer._train_batch(x, 0)
-            trainer._optimizer_step()
+            trainer.train_step(x, trainer.state)
+            trainer.train_step.optimizer_step()
             t2 = time.perf_counter()
             if i >= 5:  # warm-up steps excluded
                 fetch_s += t1 - t0

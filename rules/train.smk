@@ -5,13 +5,13 @@ rule train:
     input:
         unpack(train_inputs),
     output:
-        best="results/{stage}/best.pt",
-        last="results/{stage}/last.pt",
-        metrics="results/{stage}/metrics.jsonl",
+        best=str(STAGE.best),
+        last=str(STAGE.last),
+        metrics=str(STAGE.metrics_log),
     log:
-        "results/logs/train_{stage}.log",
+        str(LAYOUT.log("train", "{stage}")),
     benchmark:
-        "results/benchmarks/train_{stage}.tsv"
+        str(LAYOUT.benchmark("train", "{stage}"))
     conda:
         "../envs/vaeflow.yaml"
     threads: 2
@@ -23,5 +23,5 @@ rule train:
         config=CONFIG_ARGS,
         stage=stage_params,
     shell:
-        "python scripts/train.py --config {params.config} --results results "
+        f"python scripts/train.py --config {{params.config}} --results {RESULTS} "
         "--stage {wildcards.stage} > {log} 2>&1"

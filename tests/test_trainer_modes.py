@@ -12,6 +12,7 @@ from support import TINY, run
 from vaeflow import checkpoint as ckpt
 from vaeflow import config as cfg
 from vaeflow.data import prepare_dataset
+from vaeflow.preflight import check_code_level
 from vaeflow.trainer import run_stage
 
 
@@ -27,7 +28,7 @@ def one_stage(results, data_dir, **step) -> tuple[dict, dict]:
     raw = yaml.safe_load(TINY.read_text())
     raw["training"]["pipeline"]["steps"] = [{"name": "s", "n_epochs": 2, **step}]
     config = cfg.validate(raw)
-    cfg.check_code_level(config)
+    check_code_level(config)
     (results / "data").symlink_to(data_dir / "data")
     run_stage(config, "s", results)
     return config, ckpt.load_vaeflow(results / "s" / "best.pt")

@@ -28,23 +28,11 @@ import torch
 
 from vaeflow import metrics as M
 from vaeflow.checkpoint import atomic_write
+from vaeflow.config import schema_defaults
+from vaeflow.layout import StageLayout
 from vaeflow.metrics import to_model_range as _to_model_range
 from vaeflow.metrics import to_unit as _to_unit
 from vaeflow.models.loading import load_autoencoder
-
-# Defaults of the `evaluation:` config section (the schema carries the same values).
-EVAL_DEFAULTS = {
-    "batch_size": 256,
-    "checkpoint": "best",
-    "iw_samples": 64,
-    "nll_max_images": None,
-    "likelihood": "auto",
-    "likelihood_sigma": None,
-    "lpips_net": "alex",
-    "active_unit_threshold": 0.01,
-}
-
-psnr = M.psnr  # kept importable from here (older callers)
 
 
 def _batches(ds, batch_size: int, limit: int | None = None):
@@ -83,7 +71,7 @@ def decode_fn(model):
     p = _param(model)
     if hasattr(model, "decode_logits"):
         return (lambda z: model.decode_logits(z.to(p.dtype)).float()), "logits"
-    signed = getattr(model, "input_range", "signed") == "signed"
+    signed = model.input_range == "signed"
 
     def mean(z):
         out = model.decode_latent(z.to(p.dtype)).float()
@@ -157,7 +145,7 @@ def choose_likelihood(model, recon_type: str | None, eval_cfg: dict, levels: int
     """
     kind = eval_cfg.get("likelihood", "auto")
     if kind == "auto":
-        unit = getattr(model, "input_range", "signed") == "unit"
+        unit = model.input_range == "unit"
         kind = "bernoulli" if (recon_type in ("bce", "bce_focal") or unit) else "discretized_gaussian"
     if kind == "bernoulli":
         return M.Likelihood("bernoulli")
@@ -214,7 +202,7 @@ def evaluate_model(
     log=print,
 ) -> dict:
     """Every test-split metric of one model (already in eval mode, on CPU or its device)."""
-    cfg = {**EVAL_DEFAULTS, **(eval_cfg or {})}
+    cfg = {**schema_defaults("evaluation"), **(eval_cfg or {})}
     bs = int(cfg["batch_size"])
     device = _param(model).device
     t0 = time.perf_counter()
@@ -374,7 +362,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data_dir: str | Path, batch_size
     from vaeflow.data import PreparedDataset
 
     model, state = load_autoencoder(checkpoint)
-    cfg = {**EVAL_DEFAULTS, **(eval_cfg or {})}
+    cfg = {**schema_defaults("evaluation"), **(eval_cfg or {})}
     if batch_size is not None:
         cfg["batch_size"] = batch_size
     seed = state["config"].get("seed", 0) if seed is None else seed
@@ -433,7 +421,7 @@ def iter_stage_metrics(results: str | Path, stages: Iterable[str]) -> dict[str, 
     """{stage: metrics.json contents} for the stages that have one."""
     out = {}
     for s in stages:
-        p = Path(results) / s / "eval" / "metrics.json"
+        p = StageLayout(results, s).eval_metrics
         if p.exists():
             out[s] = json.loads(p.read_text())
     return out

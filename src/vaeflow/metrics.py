@@ -23,12 +23,12 @@ LOG_2PI = math.log(2.0 * math.pi)
 
 def to_model_range(x: torch.Tensor, model) -> torch.Tensor:
     """[0, 1] images -> the model's input range ([-1, 1] for `input_range == "signed"`)."""
-    return x * 2 - 1 if getattr(model, "input_range", "signed") == "signed" else x
+    return x * 2 - 1 if model.input_range == "signed" else x
 
 
 def to_unit(x: torch.Tensor, model) -> torch.Tensor:
     """Model output -> [0, 1] images (clipped), the inverse of `to_model_range`."""
-    return ((x + 1) / 2).clamp(0, 1) if getattr(model, "input_range", "signed") == "signed" else x.clamp(0, 1)
+    return ((x + 1) / 2).clamp(0, 1) if model.input_range == "signed" else x.clamp(0, 1)
 
 
 # ----------------------------------------------------------------------------- pixel metrics

@@ -1,9 +1,11 @@
 """Loss curves per stage (from metrics.jsonl) and the evaluation summary across stages.
 
-    results/<stage>/plots/loss_curves.png   one panel per logged metric, train and val
-    results/<stage>/plots/train.csv         the train records, one column per metric (DVC plots)
-    results/<stage>/plots/val.csv           the per-epoch validation records (DVC plots)
-    results/summary.csv / .md / .html       one row per stage from results/<stage>/eval/metrics.json
+    <stage>/plots/loss_curves.png   one panel per logged metric, train and val
+    <stage>/plots/train.csv         the train records, one column per metric (DVC plots)
+    <stage>/plots/val.csv           the per-epoch validation records (DVC plots)
+    summary.csv / .md / .html       one row per stage from <stage>/eval/metrics.json
+
+(file names: vaeflow.layout)
 """
 
 from __future__ import annotations
@@ -15,15 +17,12 @@ from pathlib import Path
 import pandas as pd
 
 from vaeflow.checkpoint import atomic_write
+from vaeflow.config import VAL_OF, logged_metrics
+from vaeflow.layout import StageLayout
 
-# A train metric and its validation counterpart share a panel.
-VAL_OF = {"vae_loss": "val_loss", "recon_loss": "val_recon", "kl_loss": "val_kl"}
-PANEL_ORDER = ["vae_loss", "recon_loss", "kl_loss", "vq_loss", "lpips_loss", "g_loss", "d_loss"]
-CURVE_FILES = {"png": "loss_curves.png", "train": "train.csv", "val": "val.csv"}
-
-
-def curve_outputs(stage: str, results: str = "results") -> dict[str, str]:
-    return {k: f"{results}/{stage}/plots/{v}" for k, v in CURVE_FILES.items()}
+_EVERY_MODE = {"train_vae": True, "gan_training": True, "use_lpips": True}
+# Panels in the order a stage logs its metrics (both latent families).
+PANEL_ORDER = list(dict.fromkeys(m for fam in ("kl", "vq") for m in logged_metrics(_EVERY_MODE, fam)["train"]))
 
 
 def read_metrics_jsonl(path: str | Path) -> pd.DataFrame:
@@ -101,14 +100,13 @@ def _write_csv(df: pd.DataFrame, out: Path) -> Path:
 
 def stage_curves(results: str | Path, stage: str) -> list[Path]:
     """Write a stage's loss-curve PNG and its train/val CSVs (for `dvc plots`)."""
-    root = Path(results) / stage
-    df = read_metrics_jsonl(root / "metrics.jsonl")
-    plots = root / "plots"
-    out = [plot_loss_curves(df, plots / CURVE_FILES["png"], f"{stage}: training curves")]
+    layout = StageLayout(results, stage)
+    df = read_metrics_jsonl(layout.metrics_log)
+    out = [plot_loss_curves(df, layout.curve("png"), f"{stage}: training curves")]
     for split in ("train", "val"):
         part = df[df["split"] == split] if "split" in df else df
         cols = ["epoch", "batch", "global_step", *_metric_columns(part)]
-        out.append(_write_csv(part[[c for c in cols if c in part.columns]], plots / CURVE_FILES[split]))
+        out.append(_write_csv(part[[c for c in cols if c in part.columns]], layout.curve(split)))
     return out
 
 

@@ -14,12 +14,12 @@ from torch import nn
 
 from vaeflow import checkpoint as ckpt
 from vaeflow import config as vfconfig
-from vaeflow.models.base import AEOutput, DiagonalGaussian
+from vaeflow.models.base import AEOutput, Autoencoder, DiagonalGaussian
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 
 
-class TinyMLPVAE(nn.Module):
+class TinyMLPVAE(Autoencoder):
     """A vector-latent, unit-range (sigmoid / Bernoulli) VAE like the CNN VAE MNIST preset."""
 
     input_range = "unit"
@@ -46,16 +46,13 @@ class TinyMLPVAE(nn.Module):
     def latent_shape(self):
         return (self.latent,)
 
-    def sample_prior(self, n, generator=None):
-        return torch.randn((n, self.latent), generator=generator)
-
 
 class _Quantizer:
     def __init__(self, size):
         self.codebook_size = size
 
 
-class TinyVQ(nn.Module):
+class TinyVQ(Autoencoder):
     """A minimal VQ autoencoder with the VQVAE interface: encode -> (z_q, loss, info{indices})."""
 
     input_range = "signed"

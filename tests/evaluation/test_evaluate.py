@@ -167,7 +167,8 @@ def test_cli_evaluate_writes_metrics(kl_run, tmp_path, capsys):
 
 
 def test_config_rejects_bad_evaluation_and_sampling_keys(tmp_path):
-    from vaeflow.config import ConfigError, check_code_level, validate
+    from vaeflow.config import ConfigError, validate
+    from vaeflow.preflight import check_code_level
 
     base = tiny_config()
     for section, patch, key in [

@@ -85,12 +85,10 @@ def test_cli_curves_and_summary(kl_run, tmp_path, capsys):
     assert "| stage | mse | psnr | ssim | lpips |" in (results / "summary.md").read_text()  # lpips column kept, empty
 
 
-def test_rule_outputs_match_what_the_commands_write():
-    """dvcgen.stage_outputs (used by rules/*.smk and dvc.yaml) names the files sample/curves write."""
-    from vaeflow.dvcgen import stage_outputs
-    from vaeflow.sample import output_names
+def test_curves_writes_the_files_the_runners_declare(tmp_path):
+    """rules/report.smk and dvc.yaml declare Layout.outputs; `vaeflow curves` writes exactly those."""
+    from vaeflow.layout import Layout
 
-    for label in ("best", "last"):
-        outs = stage_outputs("s1", label)
-        assert outs["sample"] == [f"results/s1/samples/{n}" for n in output_names(label)]
-    assert stage_outputs("s1")["curves"] == list(R.curve_outputs("s1").values())
+    _jsonl(tmp_path / "st" / "metrics.jsonl")
+    written = R.stage_curves(tmp_path, "st")
+    assert [str(p) for p in written] == Layout(tmp_path).outputs("st", "best")["curves"]

@@ -186,10 +186,10 @@ def install(out_dir: str | Path) -> FakeAccelerator:
 
     for name in _OPS:
         setattr(dist, name, wrap(name, getattr(dist, name)))
-    import vaeflow.trainer.stage as stage
+    import vaeflow.trainer.build as build
 
-    resolve = stage.resolve_device
-    stage.resolve_device = lambda name, fallback=None: ACCEL if name == "cpu" else resolve(name, fallback)
+    resolve = build.resolve_device
+    build.resolve_device = lambda name, fallback=None: ACCEL if name == "cpu" else resolve(name, fallback)
 
     def dump():
         path = Path(out_dir) / f"rank{os.environ.get('RANK', '0')}.json"

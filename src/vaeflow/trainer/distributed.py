@@ -50,12 +50,12 @@ def init_from_env(dcfg: dict) -> bool:
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         return False
     _die_with_launcher()
-    timeout_s = dcfg.get("timeout_s", 600)
+    timeout_s = dcfg["timeout_s"]
     collectives.configure(timeout_s=timeout_s)
     cuda = torch.cuda.is_available()
     if cuda:  # before the group exists, so nccl binds each rank to its own GPU
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
-    dist.init_process_group(collectives.backend_string(dcfg.get("backend", "auto"), cuda),
+    dist.init_process_group(collectives.backend_string(dcfg["backend"], cuda),
                             timeout=timedelta(seconds=timeout_s))
     collectives.configure(diagnosis_group=dist.new_group(backend="gloo"))  # names unresponsive ranks
     return True

@@ -1,4 +1,4 @@
-"""``celeba``: aligned CelebA faces, as in seed 004.
+"""``celeba``: aligned CelebA faces (center crop, then resize).
 
 Images come from ``data.root/img_align_celeba/`` when that folder exists,
 otherwise from ``data.root`` itself (recursive). Transform: CenterCrop(178),

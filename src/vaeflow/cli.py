@@ -15,6 +15,7 @@ from vaeflow.layout import DATA, EVAL_METRICS, RESULTS, SUMMARY_FILES, Layout
 
 def _known_errors() -> tuple[type[BaseException], ...]:
     from vaeflow.checkpoint import CheckpointError
+    from vaeflow.collectives import CollectiveError
     from vaeflow.config import ConfigError
     from vaeflow.data import DataError
     from vaeflow.losses import PerceptualWeightsMissing
@@ -23,7 +24,7 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from vaeflow.trainer.guard import NonFiniteError
 
     return (ConfigError, DataError, CheckpointError, PerceptualWeightsMissing, SampleError, ProvenanceError,
-            FileNotFoundError, NonFiniteError)
+            FileNotFoundError, NonFiniteError, CollectiveError)
 
 
 def _load_config(args):
@@ -78,17 +79,17 @@ def cmd_train(args) -> int:
     from vaeflow.trainer import run_stage
 
     config = _load_config(args)
-    nproc = config["training"]["distributed"]["nproc_per_node"]
-    if nproc > 1 and "WORLD_SIZE" not in os.environ:
-        # Relaunch this very command under torchrun: one process per device.
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "vaeflow.cli", "train", "--config", *args.config, "--results", args.results, "--stage", args.stage]
-        sys.stdout.flush()
-        os.execv(sys.executable, cmd)
+    dcfg = config["training"]["distributed"]
+    if dcfg["nproc_per_node"] * dcfg["nnodes"] > 1 and "WORLD_SIZE" not in os.environ:
+        # Relaunch this very command under torchrun: one process per device (trainer/launch.py).
+        from vaeflow.trainer.launch import launch
+
+        worker = ["train", "--config", *args.config, "--results", args.results, "--stage", args.stage]
+        return launch(worker, dcfg, args.rdzv_endpoint, args.rdzv_id)
     import torch
 
     # The thread count changes float reduction order: the config fixes it, not the runner's env.
-    torch.set_num_threads(max(1, config["training"]["cpu_threads"] // nproc))
+    torch.set_num_threads(max(1, config["training"]["cpu_threads"] // dcfg["nproc_per_node"]))
     run_stage(config, args.stage, args.results)
     return 0
 
@@ -240,6 +241,11 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(sub.add_parser("prepare", help=f"raw data -> {RESULTS}/{DATA}")).set_defaults(func=cmd_prepare)
     sp = with_config(sub.add_parser("train", help="train one stage"))
     sp.add_argument("--stage", required=True)
+    sp.add_argument("--rdzv-endpoint", default=None, metavar="HOST:PORT",
+                    help="training.distributed.nnodes > 1: the rendezvous endpoint, the same on every node "
+                         "(default: $VAEFLOW_RDZV_ENDPOINT)")
+    sp.add_argument("--rdzv-id", default=None, help="several nodes: a run id, the same on every node "
+                    "(default: $VAEFLOW_RDZV_ID, else 'vaeflow')")
     sp.set_defaults(func=cmd_train)
     sp = with_config(sub.add_parser("evaluate", help="test-split metrics of one stage"))
     sp.add_argument("--stage", required=True)
@@ -280,6 +286,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except _known_errors() as exc:
         print(f"vaeflow: error: {exc}", file=sys.stderr)
+        from vaeflow.trainer.launch import record_worker_error
+
+        record_worker_error(exc)  # a torchrun worker: the launcher names this rank's error
         return 2
 
 

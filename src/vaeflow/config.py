@@ -246,6 +246,11 @@ def _check_semantics(config: dict, source: str | None) -> None:
                     f"{trans['metric']!r} is not logged by this stage (available: {', '.join(sorted(available))})",
                     source,
                 )
+    dist_cfg, batch = config["training"]["distributed"], config["training"]["batch_size"]
+    procs = dist_cfg["nproc_per_node"] * dist_cfg["nnodes"]
+    if batch % procs:
+        raise ConfigError("training.batch_size", f"{batch} images do not split evenly over {procs} processes "
+                          "(training.distributed.nproc_per_node x nnodes)", source)
     if config["sampling"]["samples"] ** 0.5 % 1:
         raise ConfigError("sampling.samples", f"must be a perfect square, got {config['sampling']['samples']}", source)
     lo, hi = config["sampling"]["latent_range"]

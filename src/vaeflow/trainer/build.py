@@ -48,6 +48,7 @@ def build_devices(tcfg: dict, step: dict, dist, console) -> Devices:
     if dist.enabled and device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
         torch.cuda.set_device(device)
+    dist.set_device(device)  # collective tensors live on the training device
     # amp_dtype is set once the model exists (vaeflow.trainer.precision sizes it for use_amp: auto)
     return Devices(device, resolve_device(tcfg.get("disc_device"), device),
                    resolve_device(tcfg.get("perceptual_device"), device), None)

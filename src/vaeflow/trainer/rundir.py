@@ -31,7 +31,8 @@ class RunDir:
 
     def save(self, name: str, state: dict) -> None:
         if self.dist.main:
-            ckpt.save(state, self.work(name))
+            with self.dist.rank_local("rank 0's checkpoint writing"):
+                ckpt.save(state, self.work(name))
 
     def metrics_size(self) -> int:
         p = self.work(METRICS_LOG)

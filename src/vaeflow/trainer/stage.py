@@ -109,7 +109,8 @@ class StageTrainer:
             t_log, imgs_log, rolled_back = time.perf_counter(), 0, False
             for x in self.train_data.iterate(order, self.batch_size, st.batch, self.n_batches, dist.shard):
                 x = to_model_range(x, models.model).to(self.devices.main, non_blocking=True)
-                values = self.train_step(x, st)  # forward + backward; the step comes at the window's end
+                closes = (st.batch + 1) % self.train_step.accum == 0 or st.batch + 1 == self.n_batches
+                values = self.train_step(x, st, closes)  # forward + backward; the step comes at the window's end
                 st.batch += 1
                 imgs_log, images_seen = imgs_log + x.shape[0], images_seen + x.shape[0]
                 window.add(values)
@@ -156,7 +157,8 @@ class StageTrainer:
                 sch.step()
         if self.tcfg["sample_every_epoch"] and self.dist.main:
             tag = f"{self.stage}_{self.index + 1:03d}_{st.epoch + 1:03d}_{self.id.fingerprint[:6]}"
-            save_grids(self.models.eval_model(), self.fixed_val, self.fixed_noise, self.devices.main, self.files.layout, tag)
+            with self.dist.rank_local("rank 0's sample grids"):  # a collective in here is an error, not a hang
+                save_grids(self.models.eval_model(), self.fixed_val, self.fixed_noise, self.devices.main, self.files.layout, tag)
         improved = val["val_loss"] < st.best_val
         if improved:
             st.best_val = val["val_loss"]
@@ -201,11 +203,13 @@ class StageTrainer:
 
     def _resume(self) -> None:
         saved = self.files.resume_state(self.id.fingerprint)
+        st = self.state if saved is None else train_state.restore(saved, self.models, self.opts, self.dist)
+        self.dist.check_agree("the resume point (epoch, batch, step)", (st.epoch, st.batch, st.global_step))
         if saved is None:
             if self.guard.policy.max_rollbacks > 0:
                 self._save_last()  # the first rollback target
             return
-        self.state = train_state.restore(saved, self.models, self.opts, self.dist)
+        self.state = st
         self.files.truncate_metrics(self.state.metrics_offset)
         self.console.line(
             f"Resuming from checkpoint: step={self.index + 1} ({self.stage}), epoch={self.state.epoch + 1}, batch={self.state.batch}"
@@ -245,13 +249,13 @@ class StageTrainer:
 
 def run_stage(config: dict, stage: str, results_dir="results", train_ds=None, val_ds=None) -> dict:
     """Train one stage; datasets default to the prepared splits under results/data."""
-    distributed = init_from_env(config["training"]["distributed"]["backend"])
+    created = init_from_env(config["training"]["distributed"])  # False if the caller set one up
     try:
         if train_ds is None or val_ds is None:
             train_ds, val_ds = _prepared_splits(config, results_dir, train_ds, val_ds)
         return StageTrainer(config, stage, results_dir, train_ds, val_ds).run()
     finally:
-        if distributed:
+        if created:
             torch.distributed.destroy_process_group()
 
 

@@ -17,8 +17,11 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from vaeflow.data import DataError
     from vaeflow.losses import PerceptualWeightsMissing
     from vaeflow.sample import SampleError
+    from vaeflow.trainer.slurm import LaunchError
 
-    return (ConfigError, DataError, CheckpointError, PerceptualWeightsMissing, SampleError, FileNotFoundError)
+    return (
+        ConfigError, DataError, CheckpointError, PerceptualWeightsMissing, SampleError, LaunchError, FileNotFoundError
+    )
 
 
 def _load_config(args):
@@ -67,15 +70,24 @@ def cmd_prepare(args) -> int:
 
 def cmd_train(args) -> int:
     import os
+    import shlex
 
     from vaeflow.trainer import run_stage
 
     config = _load_config(args)
     nproc = config["training"]["distributed"]["nproc_per_node"]
+    nnodes = config["training"]["distributed"]["nnodes"]
+    worker = ["-m", "vaeflow.cli", "train", "--config", *args.config, "--results", args.results, "--stage", args.stage]
+    if nnodes > 1 and "WORLD_SIZE" not in os.environ:
+        # Under SLURM: one torchrun per node through srun (vaeflow.trainer.slurm).
+        from vaeflow.trainer.slurm import multinode_command
+
+        cmd = multinode_command(nnodes, nproc, worker)
+        print("vaeflow: " + shlex.join(cmd), flush=True)
+        os.execvp(cmd[0], cmd)
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
         # Relaunch this very command under torchrun: one process per device.
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "vaeflow.cli", "train", "--config", *args.config, "--results", args.results, "--stage", args.stage]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *worker]
         sys.stdout.flush()
         os.execv(sys.executable, cmd)
     run_stage(config, args.stage, args.results)

@@ -164,7 +164,9 @@ ensure_net() {  # host ip
     ns="$(ns_of "$host")"
     veth="vfs-${host#vf-}"  # host side; at most 15 characters
     [ -e "/run/netns/$ns" ] || { log "creating network namespace $ns"; ip netns add "$ns"; }
-    if ! ip link show "$veth" >/dev/null 2>&1; then
+    # (re)create the pair unless both ends are where they belong
+    if ! ip link show "$veth" >/dev/null 2>&1 || ! ip netns exec "$ns" ip link show eth0 >/dev/null 2>&1; then
+        ip link del "$veth" >/dev/null 2>&1 || true
         ip netns exec "$ns" ip link del eth0 >/dev/null 2>&1 || true
         ip link add "$veth" type veth peer name eth0 netns "$ns"
     fi

@@ -564,3 +564,64 @@ def test_vaeflow_pipeline_two_nodes_through_slurm(slurm_cluster, vaeflow_case, m
         # the step ran on the second node too (its slurmd launched the step's task)
         assert f"launch task StepId={job}.0 " in _slurmd_log(nodes[1]).read_text(), nodes[1]
     assert sorted(stages) == ["vae_gan", "vae_warmup"], stages
+
+
+def _worker_pid(slurm_id: str, node: str, rank: int) -> int | None:
+    """The torchrun worker of `rank` that SLURM job `slurm_id` runs on `node` (all nodes share /proc here)."""
+    want = {f"SLURM_JOB_ID={slurm_id}", f"SLURMD_NODENAME={node}", f"RANK={rank}"}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            env = set((proc / "environ").read_bytes().decode(errors="replace").split("\0"))
+            cmd = (proc / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if want <= env and "vaeflow.cli" in cmd and "torch.distributed.run" not in cmd:
+            return int(proc.name)
+    return None
+
+
+@pytest.mark.skipif(
+    os.environ.get("VAEFLOW_SLURM_FAULT_TEST") != "1",
+    reason="kills a worker of a two-node SLURM stage, ~3 min; set VAEFLOW_SLURM_FAULT_TEST=1 to run it",
+)
+def test_two_node_stage_survives_a_killed_worker(slurm_cluster, vaeflow_case, make_rundir, start_snakemake):
+    """SIGKILL of the rank-1 worker on the second node fails the whole job (srun --kill-on-bad-exit);
+    Snakemake's retry resumes the stage on both nodes from running/last.pt."""
+    vaeflow_case.targets = ["results/vae_warmup/best.pt"]
+    rundir = make_rundir(vaeflow_case)
+    tiny = yaml.safe_load((rundir / "tests/configs/tiny.yaml").read_text())
+    steps = tiny["training"]["pipeline"]["steps"]
+    steps[0]["n_epochs"] = 6  # long enough to be killed in the middle
+    (rundir / TWO_NODES).write_text(
+        yaml.safe_dump({"training": {"distributed": {"nnodes": 2}, "pipeline": {"steps": steps}}})
+    )
+    run = start_snakemake(rundir, vaeflow_case)
+    last = rundir / "results/vae_warmup/running/last.pt"
+
+    def victim():
+        subs = [s for s in _submissions(run.text()) if s["rule"] == "train"]
+        if not subs or not last.exists():
+            return None
+        info = _scontrol_job(subs[-1]["slurm"])
+        nodes = _slurm("scontrol", "show", "hostnames", info["NodeList"]).stdout.split()
+        pid = _worker_pid(subs[-1]["slurm"], nodes[-1], rank=1)
+        return (subs[-1]["slurm"], nodes[-1], pid) if pid else None
+
+    job, node, pid = _wait_for(victim, 600, "the two-node stage to save last.pt", run)
+    os.kill(pid, signal.SIGKILL)
+
+    rc = run.wait()
+    assert rc == 0, f"snakemake exited {rc} after killing rank 1 (pid {pid}) of job {job} on {node}\n{run.tail()}"
+    assert_targets(run)
+    train = [s for s in assert_went_through_slurm(run) if s["rule"] == "train"]
+    assert [s["state"] for s in train] == ["FAILED", "COMPLETED"], train
+    assert train[0]["slurm"] == job
+    assert _scontrol_job(train[1]["slurm"])["NumNodes"] == "2"
+    # the failed attempt's log (Snakemake shows it) names the killed rank and its node
+    failed = run.text()
+    assert re.search(rf"host\s*:\s*{node}\s*\n\s*rank\s*:\s*1 \(local_rank: 0\)", failed), run.tail(200)
+    assert "Signal 9 (SIGKILL)" in failed
+    log = (rundir / "results/logs/train_vae_warmup.log").read_text()
+    assert "Resuming from checkpoint" in log and "Data parallel over 2 processes" in log, log[-3000:]

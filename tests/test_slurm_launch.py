@@ -1,6 +1,6 @@
 """Multi-node launch under SLURM (vaeflow.trainer.slurm), without a cluster: the generated
-srun/torchrun command line, its per-node wrapper (run for real by sh), torchrun's own
-parser, and the errors of `vaeflow train` when nnodes > 1 cannot start here.
+srun command line, the torchrun options each node derives from it (read by torchrun's own
+parser), and the errors of `vaeflow train` when nnodes > 1 cannot start here.
 The same command runs on the two-node test cluster in tests/test_slurm.py."""
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import yaml
 from torch.distributed.run import get_args_parser
 
 from vaeflow.trainer.slurm import (
-    IS_HOST_WRAPPER,
     LaunchError,
     SlurmJob,
+    c10d_options,
     multinode_command,
     parse_job,
     rdzv_port,
@@ -41,52 +41,36 @@ def test_parse_scontrol_job():
     assert info["NodeList"] == "vf-n[1-2]" and info["CPUs/Task"] == "2" and info["NumNodes"] == "2"
 
 
-def _split(cmd: list[str]):
-    """(srun options, wrapper argv, torchrun options + worker)."""
-    i = cmd.index("sh")
-    assert cmd[i : i + 3] == ["sh", "-c", IS_HOST_WRAPPER]
-    first, python = cmd[i + 4], cmd[i + 5]
-    return cmd[:i], (first, python), cmd[i + 6 :]
-
-
-def test_srun_command_one_torchrun_per_node():
+def test_srun_command_one_vaeflow_train_per_node():
     job = SlurmJob("42", ("vf-n1", "vf-n2"), 2)
-    cmd = srun_command(job, 4, WORKER, python="/venv/bin/python")
-    srun, (first, python), rest = _split(cmd)
-    assert srun == [
+    cmd = srun_command(job, WORKER, python="/venv/bin/python")
+    port = rdzv_port("42")
+    assert cmd == [
         "srun", "--nodes=2", "--ntasks=2", "--ntasks-per-node=1", "--kill-on-bad-exit=1", "--cpus-per-task=2",
+        f"--export=ALL,VAEFLOW_RDZV_ENDPOINT=vf-n1:{port},VAEFLOW_RDZV_ID=42", "/venv/bin/python", *WORKER,
     ]  # fmt: skip
-    assert first == "vf-n1" and python == "/venv/bin/python"
-    # torchrun's own parser accepts it: c10d at the first host, job id as run id, 4 workers per node
-    args = get_args_parser().parse_args(["--rdzv-conf=is_host=1", *rest])
+
+
+def test_each_node_becomes_a_c10d_torchrun():
+    """What every node's `vaeflow train` runs: torchrun's own parser reads c10d at the first host."""
+    assert c10d_options(2, 4, env={}) is None
+    env = {"VAEFLOW_RDZV_ENDPOINT": f"vf-n1:{rdzv_port('42')}", "VAEFLOW_RDZV_ID": "42"}
+    args = get_args_parser().parse_args([*c10d_options(2, 4, env=env), *WORKER])
     assert (args.nnodes, args.nproc_per_node, args.rdzv_backend) == ("2", "4", "c10d")
     assert args.rdzv_endpoint == f"vf-n1:{rdzv_port('42')}" and args.rdzv_id == "42"
-    assert args.module and args.training_script == "vaeflow.cli"
-    assert args.training_script_args == WORKER[2:]
+    assert args.module and args.training_script == "vaeflow.cli" and args.training_script_args == WORKER[2:]
 
 
 def test_srun_command_without_cpus_per_task():
-    cmd = srun_command(SlurmJob("7", ("a", "b", "c"), None), 1, WORKER)
-    srun, _, rest = _split(cmd)
-    assert not any(o.startswith("--cpus-per-task") for o in srun)
-    assert "--nodes=3" in srun and "--nnodes=3" in rest and "--rdzv-endpoint=a:20007" in rest
+    cmd = srun_command(SlurmJob("7", ("a", "b", "c"), None), WORKER)
+    assert not any(o.startswith("--cpus-per-task") for o in cmd)
+    assert "--nodes=3" in cmd and "--export=ALL,VAEFLOW_RDZV_ENDPOINT=a:20007,VAEFLOW_RDZV_ID=7" in cmd
 
 
 def test_rdzv_port_per_job_below_ephemeral_range():
     ports = {rdzv_port(str(j)) for j in range(1, 5000)}
     assert len(ports) == 4999 and min(ports) >= 20000 and max(ports) < 32768
     assert rdzv_port("12345") == rdzv_port("12345")
-
-
-@pytest.mark.parametrize("node, is_host", [("vf-n1", "1"), ("vf-n2", "0")])
-def test_is_host_wrapper_runs_in_sh(node, is_host):
-    """The wrapper srun runs on every node: only the first host serves the rendezvous store."""
-    cmd = srun_command(SlurmJob("42", ("vf-n1", "vf-n2"), 2), 1, WORKER, python="echo")
-    _, wrapper = cmd[: cmd.index("sh")], cmd[cmd.index("sh") :]
-    out = subprocess.run(wrapper, capture_output=True, text=True, env={"SLURMD_NODENAME": node}, check=True)
-    words = out.stdout.split()
-    assert words[:3] == ["-m", "torch.distributed.run", f"--rdzv-conf=is_host={is_host}"]
-    assert words[3:] == cmd[cmd.index("echo") + 1 :]
 
 
 def test_train_job_resources():

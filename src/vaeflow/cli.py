@@ -78,13 +78,18 @@ def cmd_train(args) -> int:
     nproc = config["training"]["distributed"]["nproc_per_node"]
     nnodes = config["training"]["distributed"]["nnodes"]
     worker = ["-m", "vaeflow.cli", "train", "--config", *args.config, "--results", args.results, "--stage", args.stage]
-    if nnodes > 1 and "WORLD_SIZE" not in os.environ:
-        # Under SLURM: one torchrun per node through srun (vaeflow.trainer.slurm).
-        from vaeflow.trainer.slurm import multinode_command
+    if "WORLD_SIZE" not in os.environ and nnodes > 1:
+        from vaeflow.trainer.slurm import c10d_options, multinode_command
 
-        cmd = multinode_command(nnodes, nproc, worker)
-        print("vaeflow: " + shlex.join(cmd), flush=True)
-        os.execvp(cmd[0], cmd)
+        c10d = c10d_options(nnodes, nproc)
+        if c10d is None:
+            # The SLURM job's batch script: one `vaeflow train` per node through srun (trainer/slurm.py).
+            cmd = multinode_command(nnodes, nproc, worker)
+            print("vaeflow: " + shlex.join(cmd), flush=True)
+            os.execvp(cmd[0], cmd)
+        # One node of several: this node's torchrun.
+        sys.stdout.flush()
+        os.execv(sys.executable, [sys.executable, "-m", "torch.distributed.run", *c10d, *worker])
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
         # Relaunch this very command under torchrun: one process per device.
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *worker]

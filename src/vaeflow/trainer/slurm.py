@@ -1,21 +1,20 @@
-"""Several nodes under SLURM: one `torchrun` per node, started by `srun`, c10d rendezvous.
+"""Several nodes under SLURM: `srun` starts one `vaeflow train` (a torchrun) per node.
 
 A train job with `training.distributed.nnodes: N > 1` is one SLURM job over N nodes
 (rules/train.smk asks for `nodes: N` and one task per node). Its batch script, which SLURM
 runs on the job's first node, calls `vaeflow train`; that replaces itself with
 
-    srun --nodes=N --ntasks=N --ntasks-per-node=1 [--cpus-per-task=C] --kill-on-bad-exit=1 \\
-      sh -c <is_host wrapper> <first host> python \\   # = python -m torch.distributed.run --rdzv-conf is_host=0|1
-        --nnodes=N --nproc-per-node=P --rdzv-backend=c10d \\
-        --rdzv-endpoint=<first host>:<port> --rdzv-id=<job id> -m vaeflow.cli train ...
+    srun --nodes=N --ntasks=N --ntasks-per-node=1 --kill-on-bad-exit=1 [--cpus-per-task=C] \\
+      --export=ALL,VAEFLOW_RDZV_ENDPOINT=<first host>:<port>,VAEFLOW_RDZV_ID=<job id> \\
+      python -m vaeflow.cli train --config ... --results ... --stage ...
 
-so each node runs one torchrun, which starts P workers; the workers see WORLD_SIZE = N * P
-and train. The first host of the job (`scontrol show hostnames <NodeList> | head -1`) hosts
-the rendezvous store; the `sh -c` wrapper tells its torchrun so (`--rdzv-conf is_host=1`,
-the others get 0) instead of letting torch guess by comparing host names, which fails where
-SLURM's node names are not the machines' host names (short names vs. FQDNs). The port
-depends on the job id, so two jobs sharing a first node do not collide. `--kill-on-bad-exit`
-ends every node's torchrun when one fails, so a dead node cannot leave the others waiting.
+so each node runs `vaeflow train` once more, now with a rendezvous endpoint: it becomes
+that node's torchrun (`--nnodes N --nproc-per-node P --rdzv-backend c10d --rdzv-endpoint
+<first host>:<port> --rdzv-id <job id>`), whose P workers see WORLD_SIZE = N * P and train.
+The first host of the job is `scontrol show hostnames <NodeList> | head -1`; its torchrun
+hosts the rendezvous store (torch recognises its own host name). The port depends on the
+job id, so two jobs sharing a first node do not collide. `--kill-on-bad-exit` ends every
+node's torchrun when one fails, so a dead node cannot leave the others waiting.
 
 The job's geometry is read with `scontrol show job`, not from SLURM_* variables:
 snakemake-executor-plugin-slurm removes those from the job command's environment (it keeps
@@ -32,13 +31,9 @@ from dataclasses import dataclass
 
 RDZV_PORT_BASE = 20000  # ports RDZV_PORT_BASE .. +9999: below Linux's ephemeral range
 RDZV_PORT_SPAN = 10000
-
-# Run by srun on every node: host the rendezvous store on the job's first node only.
-# Arguments: <first host> <python> <torchrun options and worker command>.
-IS_HOST_WRAPPER = (
-    'first="$1"; py="$2"; shift 2; if [ "$SLURMD_NODENAME" = "$first" ]; then h=1; else h=0; fi; '
-    'exec "$py" -m torch.distributed.run --rdzv-conf="is_host=$h" "$@"'
-)
+# How a node's `vaeflow train` learns the rendezvous (the same names as the launcher's).
+ENDPOINT_ENV = "VAEFLOW_RDZV_ENDPOINT"
+ID_ENV = "VAEFLOW_RDZV_ID"
 
 
 class LaunchError(RuntimeError):
@@ -84,18 +79,15 @@ def rdzv_port(job_id: str) -> int:
     return RDZV_PORT_BASE + int(job_id) % RDZV_PORT_SPAN
 
 
-def srun_command(job: SlurmJob, nproc_per_node: int, worker: list[str], python: str = sys.executable) -> list[str]:
-    """The command that starts one torchrun per node of `job`; `worker` follows torchrun's options."""
+def srun_command(job: SlurmJob, worker: list[str], python: str = sys.executable) -> list[str]:
+    """Start `python <worker>` (a `vaeflow train`) once per node of `job`, told the rendezvous."""
     n = len(job.nodes)
-    first = job.nodes[0]
     srun = ["srun", f"--nodes={n}", f"--ntasks={n}", "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
     if job.cpus_per_task:
         srun.append(f"--cpus-per-task={job.cpus_per_task}")
-    torchrun_options = [
-        f"--nnodes={n}", f"--nproc-per-node={nproc_per_node}",
-        "--rdzv-backend=c10d", f"--rdzv-endpoint={first}:{rdzv_port(job.job_id)}", f"--rdzv-id={job.job_id}",
-    ]  # fmt: skip
-    return [*srun, "sh", "-c", IS_HOST_WRAPPER, "sh", first, python, *torchrun_options, *worker]
+    endpoint = f"{job.nodes[0]}:{rdzv_port(job.job_id)}"
+    srun.append(f"--export=ALL,{ENDPOINT_ENV}={endpoint},{ID_ENV}={job.job_id}")
+    return [*srun, python, *worker]
 
 
 def manual_commands(nnodes: int, nproc_per_node: int, worker: list[str]) -> str:
@@ -107,19 +99,33 @@ def manual_commands(nnodes: int, nproc_per_node: int, worker: list[str]) -> str:
     return f"on each of the {nnodes} machines (HOST0: the first one's address, RUN_NAME: any shared word):\n  {torchrun}"
 
 
+def c10d_options(nnodes: int, nproc_per_node: int, env=os.environ) -> list[str] | None:
+    """torchrun's options for this node of a multi-node run, or None if no rendezvous is set."""
+    endpoint = env.get(ENDPOINT_ENV)
+    if not endpoint:
+        return None
+    return [
+        f"--nnodes={nnodes}", f"--nproc-per-node={nproc_per_node}", "--rdzv-backend=c10d",
+        f"--rdzv-endpoint={endpoint}", f"--rdzv-id={env.get(ID_ENV) or 'vaeflow'}",
+    ]  # fmt: skip
+
+
 def multinode_command(nnodes: int, nproc_per_node: int, worker: list[str], env=os.environ) -> list[str]:
-    """The srun command for this SLURM job, after checking it has `nnodes` nodes; LaunchError otherwise."""
+    """The srun command for this SLURM job, after checking it has `nnodes` nodes; LaunchError otherwise.
+
+    `worker` is the `-m vaeflow.cli train ...` command line that every node runs."""
     job_id = env.get("SLURM_JOB_ID")
     if not job_id:
         raise LaunchError(
             f"training.distributed.nnodes is {nnodes}: run this stage through SLURM "
-            f"(snakemake --profile profiles/slurm), or start it yourself {manual_commands(nnodes, nproc_per_node, worker)}"
+            f"(snakemake --profile profiles/slurm), or give it a rendezvous ({ENDPOINT_ENV}=HOST:PORT) or run "
+            f"torchrun yourself {manual_commands(nnodes, nproc_per_node, worker)}"
         )
     if env.get("SLURM_STEP_ID") is not None:
         raise LaunchError(
             f"training.distributed.nnodes is {nnodes}, but `vaeflow train` runs inside job step "
             f"{job_id}.{env['SLURM_STEP_ID']} (under srun); call it from the batch script, which starts "
-            "one torchrun per node with srun itself (the train rule's `mpi` resource does so under Snakemake)"
+            "one `vaeflow train` per node with srun itself (the train rule's `mpi` resource does so under Snakemake)"
         )
     job = current_job(job_id)
     if len(job.nodes) != nnodes:
@@ -127,7 +133,7 @@ def multinode_command(nnodes: int, nproc_per_node: int, worker: list[str], env=o
             f"training.distributed.nnodes is {nnodes}, but SLURM job {job_id} has {len(job.nodes)} "
             f"node(s) ({','.join(job.nodes)}); submit it with --nodes={nnodes} --ntasks-per-node=1"
         )
-    return srun_command(job, nproc_per_node, worker)
+    return srun_command(job, worker)
 
 
 def train_job_resources(nnodes: int) -> dict:

@@ -123,7 +123,7 @@ if [ -f /etc/slurm/slurm.conf ] && grep -qF "$MARKER" /etc/slurm/slurm.conf; the
     legacy_stop /run/slurmctld.pid
     log "removing /etc/slurm/slurm.conf and gres.conf written by an earlier version of this script"
     rm -f /etc/slurm/slurm.conf
-    grep -qsF "$MARKER" /etc/slurm/gres.conf && rm -f /etc/slurm/gres.conf
+    if grep -qsF "$MARKER" /etc/slurm/gres.conf; then rm -f /etc/slurm/gres.conf; fi
 fi
 
 mkdir -p "$ETC" "$MUNGE_DIR" "$LOG_DIR" "$BASE/state" "$BASE/spool"

@@ -22,9 +22,11 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from vaeflow.provenance import ProvenanceError
     from vaeflow.sample import SampleError
     from vaeflow.trainer.guard import NonFiniteError
+    from vaeflow.trainer.slurm import LaunchError
 
     return (ConfigError, DataError, CheckpointError, PerceptualWeightsMissing, SampleError, ProvenanceError,
-            FileNotFoundError, NonFiniteError, CollectiveError)
+            FileNotFoundError, NonFiniteError, CollectiveError,
+            LaunchError)
 
 
 def _load_config(args):
@@ -75,6 +77,7 @@ def cmd_prepare(args) -> int:
 
 def cmd_train(args) -> int:
     import os
+    import shlex
 
     from vaeflow.trainer import run_stage
 
@@ -82,9 +85,17 @@ def cmd_train(args) -> int:
     dcfg = config["training"]["distributed"]
     if dcfg["nproc_per_node"] * dcfg["nnodes"] > 1 and "WORLD_SIZE" not in os.environ:
         # Relaunch this very command under torchrun: one process per device (trainer/launch.py).
-        from vaeflow.trainer.launch import launch
+        from vaeflow.trainer.launch import ENDPOINT_ENV, launch
 
         worker = ["train", "--config", *args.config, "--results", args.results, "--stage", args.stage]
+        if dcfg["nnodes"] > 1 and not (args.rdzv_endpoint or os.environ.get(ENDPOINT_ENV)):
+            # A SLURM job's batch script: one `vaeflow train` per node through srun, each told the
+            # rendezvous (trainer/slurm.py); outside SLURM, one message with the per-machine command.
+            from vaeflow.trainer.slurm import multinode_command
+
+            cmd = multinode_command(dcfg["nnodes"], dcfg["nproc_per_node"], ["-m", "vaeflow.cli", *worker])
+            print("vaeflow: " + shlex.join(cmd), flush=True)
+            os.execvp(cmd[0], cmd)
         return launch(worker, dcfg, args.rdzv_endpoint, args.rdzv_id)
     import torch
 

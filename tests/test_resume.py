@@ -279,8 +279,11 @@ def test_two_nodes_on_loopback_match_one_node_and_resume_after_sigkill(tmp_path,
     ended = finish_nodes(launchers, DIST_TIMEOUT_S + 120)
     assert all(rc == 1 for rc, _ in ended), [log[-2000:] for _, log in ended]
     lines = [l for _, log in ended for l in log.splitlines() if l.startswith("vaeflow: error: training failed:")]
-    assert len(lines) == 2  # one per node
+    assert len(lines) == 2, [log[-3000:] for _, log in ended]  # one per node
     assert any("rank 1 (local rank 0" in l and "was killed by SIGKILL" in l for l in lines), lines
+    # The other node: its worker lost rank 1 (a CollectiveError), or, when the killed worker's
+    # node hosted the rendezvous store, its launcher lost the store.
+    assert any("rank 0 (local rank 0" in l or "this node lost the rendezvous at 127.0.0.1" in l for l in lines), lines
     assert all("Traceback" not in log for _, log in ended)
 
     resumed = finish_nodes(start_nodes(cut, 2, "rerun"), 600)

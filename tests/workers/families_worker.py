@@ -27,6 +27,7 @@ FAMILIES = {
 
 def family_config(family: str, nproc: int) -> dict:
     from vaeflow import config as cfg
+    from vaeflow.preflight import check_code_level
 
     raw = yaml.safe_load(TINY.read_text())
     raw["model"] = FAMILIES[family]
@@ -44,7 +45,7 @@ def family_config(family: str, nproc: int) -> dict:
     else:
         gan["r1_gamma"] = 1.0  # R1's double backward next to the overlapped all-reduce
     config = cfg.validate(raw)
-    cfg.check_code_level(config)
+    check_code_level(config)
     return config
 
 

@@ -78,7 +78,9 @@ def failure_line(failures: dict) -> str:
 
 def launch(worker_argv: list[str], dcfg: dict, rdzv_endpoint: str | None = None, rdzv_id: str | None = None) -> int:
     """Run `vaeflow <worker_argv>` under torchrun with training.distributed `dcfg`. Returns the exit code."""
+    from torch.distributed import DistError
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous import RendezvousError
     from torch.distributed.run import parse_args, run
 
     rdzv_endpoint = rdzv_endpoint or os.environ.get(ENDPOINT_ENV)
@@ -93,6 +95,12 @@ def launch(worker_argv: list[str], dcfg: dict, rdzv_endpoint: str | None = None,
     except ChildFailedError as exc:
         print(f"vaeflow: error: training failed: {failure_line(exc.failures)}; the other workers were "
               "stopped. Rerun the same command to resume from the last checkpoint.", file=sys.stderr)
+        return 1
+    except (RendezvousError, DistError) as exc:  # the rendezvous store (on another node) went away
+        first = (str(exc).strip().splitlines() or [""])[0]
+        print(f"vaeflow: error: training failed: this node lost the rendezvous at {rdzv_endpoint} "
+              f"({type(exc).__name__}: {first}); another node stopped or failed and this node's workers were "
+              "stopped. Rerun the same command on every node to resume from the last checkpoint.", file=sys.stderr)
         return 1
     return 0
 

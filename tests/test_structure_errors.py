@@ -10,6 +10,7 @@ import yaml
 
 from support import TINY, run
 from vaeflow import config as vfconfig
+from vaeflow.preflight import check_code_level
 
 BASE = yaml.safe_load(TINY.read_text())  # 8x8 digits, ch_mult [1, 2], a 1-layer PatchGAN
 
@@ -44,7 +45,7 @@ CASES = {
 def test_structural_error_names_the_key(name):
     changes, key, message = CASES[name]
     with pytest.raises(vfconfig.ConfigError) as info:
-        vfconfig.check_code_level(vfconfig.validate(with_changes(**changes)))
+        check_code_level(vfconfig.validate(with_changes(**changes)))
     assert info.value.path == key and message in str(info.value), str(info.value)
 
 
@@ -55,7 +56,7 @@ def test_presets_pass_the_structure_check():
         if path.name == "schema.yaml":
             continue
         c = vfconfig.load(path)
-        from vaeflow.models.fit import check_model_fits
+        from vaeflow.model_fit import check_model_fits
 
         assert check_model_fits(c) is not None, path
 

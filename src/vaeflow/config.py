@@ -260,6 +260,9 @@ def _check_semantics(config: dict, source: str | None) -> None:
     if d0 == d1:
         raise ConfigError("sampling.latent_dims", f"needs two different dimensions, got {[d0, d1]}", source)
     _check_data(config["data"], source)
+    for split, why in (("val", "training keeps best.pt by validation loss"), ("test", "evaluate scores the test split")):
+        if config["data"]["split"][split] <= 0:  # 0 is for library calls (prepare_dataset) only
+            raise ConfigError(f"data.split.{split}", f"must be > 0 in a pipeline config ({why}), got {config['data']['split'][split]}", source)
 
 
 def model_family(model_type: str) -> str:

@@ -9,7 +9,6 @@ subprocess runs use a few configs that combine as many keys as stay valid togeth
 from __future__ import annotations
 
 import io
-import os
 from contextlib import redirect_stderr, redirect_stdout
 
 import pytest
@@ -36,8 +35,13 @@ COMPANIONS = {
 }
 # Not settable on the default (2D digits) config; the 3D preset is checked by test_presets.py.
 ELSEWHERE = {"data.spatial_dims": "3 needs data.dataset: ct volumes (config/ct3d.yaml)"}
-# use_lpips needs the LPIPS weights on disk; this switch (tests only) skips that check.
-os.environ.setdefault("VAEFLOW_LPIPS_RANDOM_BACKBONE", "1")
+
+
+@pytest.fixture(autouse=True)
+def _random_lpips_backbone(monkeypatch):
+    """use_lpips needs the LPIPS weights on disk; this switch (tests only) skips that check.
+    Set per test (subprocesses inherit it), never for the whole session."""
+    monkeypatch.setenv("VAEFLOW_LPIPS_RANDOM_BACKBONE", "1")
 
 
 def resolve(node: dict, root: dict) -> dict:

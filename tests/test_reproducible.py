@@ -62,7 +62,11 @@ def clones(tmp_path_factory):
     s, senv = clone(origin, tmp / "smk_clone")
     out = run(["dvc", "repro"], d, timeout=2400, **denv).stdout
     assert {"prepare", "train_vae_warmup", "train_vae_gan", "evaluate_vae_gan", "summary"} <= ran_stages(out)
-    run(["snakemake", "--cores", "2"], s, timeout=2400, **senv)
+    try:
+        run(["snakemake", "--cores", "2"], s, timeout=2400, **senv)
+    except AssertionError as exc:  # the job logs say why
+        logs = "".join(f"\n--- {p.name}:\n{p.read_text()[-2000:]}" for p in sorted((s / "results/logs").glob("*.log")))
+        raise AssertionError(f"{exc}{logs}") from None
     commit = run(["git", "rev-parse", "HEAD"], origin).stdout.strip()
     return {"dvc": (d, denv), "smk": (s, senv), "commit": commit}
 

@@ -116,6 +116,10 @@ def _check_resolution(mcfg: dict, shape: tuple[int, ...]) -> None:
                                               "(data.image_size): set both to the same size")
 
 
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0]
+
+
 def _numel(module: torch.nn.Module) -> int:
     return sum(t.numel() for t in module.parameters()) + sum(t.numel() for t in module.buffers())
 
@@ -144,7 +148,7 @@ def check_model_fits(config: dict):
     except ConfigError:  # already names its key (e.g. a key the trainer owns)
         raise
     except (TypeError, ValueError, IndexError, KeyError, ZeroDivisionError, RuntimeError, OverflowError) as exc:
-        raise ConfigError("model", f"cannot build {mcfg.get('type')!r}: {exc}") from None
+        raise ConfigError("model", f"cannot build {mcfg.get('type')!r}: {_first_line(exc)}") from None
     if _numel(model) > MAX_ELEMENTS:
         raise ConfigError("model", f"{_numel(model):,} parameters and buffers: more than {MAX_ELEMENTS:,}; use smaller widths")
     if shape is None:
@@ -165,7 +169,7 @@ def _check_discriminator(config: dict, shape: tuple[int, ...]) -> None:
     try:
         disc = build_discriminator({**dcfg, "ndf": 1}, shape[0], len(shape) - 1)
     except (ValueError, RuntimeError) as exc:
-        raise ConfigError("discriminator", str(exc).splitlines()[0]) from None
+        raise ConfigError("discriminator", _first_line(exc)) from None
     if _numel(disc) * ndf**2 > MAX_ELEMENTS:
         raise ConfigError("discriminator.ndf", f"{ndf} gives about {_numel(disc) * ndf**2:,} parameters: more than {MAX_ELEMENTS:,}")
     try:

@@ -110,10 +110,12 @@ def read(path: str | Path) -> dict[str, Any]:
             raise ProvenanceError(f"{path}: file not found") from None
         except (ValueError, UnicodeDecodeError) as exc:
             raise ProvenanceError(f"{path}: not valid JSON ({exc})") from None
-    else:
+    elif path.suffix in (".pt", ".pth", ".ckpt"):
         from vaeflow.checkpoint import load
 
         obj = load(path)
+    else:
+        raise ProvenanceError(f"{path}: expected a checkpoint (.pt) or an eval metrics.json")
     rec = obj.get("provenance") if isinstance(obj, dict) else None
     if not isinstance(rec, dict):
         raise ProvenanceError(f"{path}: no provenance recorded (written before vaeflow recorded it?)")

@@ -1,21 +1,21 @@
 # Shared helpers: config validation (before any job is scheduled), stage names,
-# inputs and outputs. Paths are relative to the working directory (the repo root).
+# inputs and outputs. Paths come from vaeflow.layout, relative to the working directory
+# (the repo root). Nothing imported here loads torch: the DAG builds in a fraction of a
+# second. Checks that need the model code (model options, LPIPS weights on disk) run at
+# the start of every stage command and in `vaeflow validate`.
 import json
 
 from snakemake.exceptions import WorkflowError
-from snakemake.utils import validate
 
 from vaeflow import config as vfconfig
-from vaeflow.dvcgen import DATA_FILES, SUMMARY_FILES, stage_outputs
 from vaeflow.dvcsync import sync_mtimes
-from vaeflow.trainer import prior_artifact
+from vaeflow.layout import RESULTS, Layout
+from vaeflow.provenance import code_fingerprint
 
 try:
     VF = vfconfig.validate(config)  # one message naming the key path
-    vfconfig.check_code_level(VF)  # model options, LPIPS weights
 except (vfconfig.ConfigError, ValueError) as exc:
     raise WorkflowError(str(exc))
-validate(config, "../config/schema.yaml")
 # Stage commands read the config files themselves; --config overrides would not reach them.
 if vfconfig.load(workflow.configfiles) != VF:
     raise WorkflowError(
@@ -23,8 +23,13 @@ if vfconfig.load(workflow.configfiles) != VF:
         "put the change in a config file and pass it with --configfile"
     )
 
+# The package's source (vaeflow.provenance): in every rule's params, so a code edit reruns.
+CODE = code_fingerprint()
 CONFIG_ARGS = " ".join(str(p) for p in workflow.configfiles)
 STAGES = vfconfig.stage_names(VF)
+LAYOUT = Layout(RESULTS)
+STAGE = LAYOUT.stage("{stage}")  # paths of the {stage} wildcard
+DATA_FILES = [str(p) for p in LAYOUT.data_files()]
 SAMPLE_LABEL = VF["sampling"]["checkpoint"]
 # prepare may download (MNIST through torchvision): keep it off compute nodes without internet.
 PREPARE_DOWNLOADS = VF["data"]["dataset"] == "mnist" and VF["data"].get(
@@ -52,16 +57,16 @@ def stage_params(wildcards):
 
 def train_inputs(wildcards):
     inputs = {"data": DATA_FILES}
-    prior = prior_artifact(VF, wildcards.stage, "results")
+    prior = LAYOUT.prior_checkpoint(STAGES, wildcards.stage)
     if prior is not None:
         inputs["prior"] = str(prior)
     return inputs
 
 
-def sample_grid(name, what):
+def sample_grid(strategy, what):
     """A sample grid of the configured checkpoint, marked for the Snakemake report."""
     return report(
-        f"results/{{stage}}/samples/{name}_{SAMPLE_LABEL}.png",
+        str(STAGE.sample_file(strategy, SAMPLE_LABEL)),
         caption="../workflow/report/samples.rst",
         category="Samples",
         subcategory="{stage}",
@@ -72,6 +77,6 @@ def sample_grid(name, what):
 def all_targets():
     out = []
     for stage in STAGES:
-        outs = stage_outputs(stage, SAMPLE_LABEL)
+        outs = LAYOUT.outputs(stage, SAMPLE_LABEL)
         out += outs["train"] + outs["evaluate"] + outs["sample"] + outs["curves"]
-    return out + SUMMARY_FILES
+    return out + [str(p) for p in LAYOUT.summary_files()]

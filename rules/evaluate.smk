@@ -1,19 +1,19 @@
 rule evaluate:
     input:
-        best="results/{stage}/best.pt",
+        best=str(STAGE.best),
         data=DATA_FILES,
     output:
         metrics=report(
-            "results/{stage}/eval/metrics.json",
+            str(STAGE.eval_metrics),
             caption="../workflow/report/metrics.rst",
             category="Evaluation",
             subcategory="{stage}",
             labels={"stage": "{stage}", "file": "metrics.json"},
         ),
     log:
-        "results/logs/evaluate_{stage}.log",
+        str(LAYOUT.log("evaluate", "{stage}")),
     benchmark:
-        "results/benchmarks/evaluate_{stage}.tsv"
+        str(LAYOUT.benchmark("evaluate", "{stage}"))
     conda:
         "../envs/vaeflow.yaml"
     threads: 1
@@ -22,7 +22,8 @@ rule evaluate:
         runtime=30,
     params:
         config=CONFIG_ARGS,
+        code=CODE,
         evaluation=json.dumps([VF["seed"], VF["evaluation"]], sort_keys=True),
     shell:
-        "python scripts/evaluate.py --config {params.config} --results results "
+        f"python scripts/evaluate.py --config {{params.config}} --results {RESULTS} "
         "--stage {wildcards.stage} > {log} 2>&1"

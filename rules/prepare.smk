@@ -13,9 +13,9 @@ rule prepare:
         val=DATA_FILES[2],
         test=DATA_FILES[3],
     log:
-        "results/logs/prepare.log",
+        str(LAYOUT.log("prepare")),
     benchmark:
-        "results/benchmarks/prepare.tsv"
+        str(LAYOUT.benchmark("prepare"))
     conda:
         "../envs/vaeflow.yaml"
     threads: 1
@@ -24,6 +24,7 @@ rule prepare:
         runtime=60,
     params:
         config=CONFIG_ARGS,
+        code=CODE,
         data=vfconfig.fingerprint(VF["data"]),
     shell:
-        "python scripts/prepare.py --config {params.config} --results results > {log} 2>&1"
+        f"python scripts/prepare.py --config {{params.config}} --results {RESULTS} > {{log}} 2>&1"

@@ -2,53 +2,56 @@
 # `snakemake --report report.html` collects them with the sample grids.
 rule curves:
     input:
-        metrics="results/{stage}/metrics.jsonl",
+        metrics=str(STAGE.metrics_log),
     output:
         png=report(
-            "results/{stage}/plots/loss_curves.png",
+            str(STAGE.curve("png")),
             caption="../workflow/report/curves.rst",
             category="Loss curves",
             labels={"stage": "{stage}"},
         ),
-        train="results/{stage}/plots/train.csv",
-        val="results/{stage}/plots/val.csv",
+        train=str(STAGE.curve("train")),
+        val=str(STAGE.curve("val")),
     log:
-        "results/logs/curves_{stage}.log",
+        str(LAYOUT.log("curves", "{stage}")),
     benchmark:
-        "results/benchmarks/curves_{stage}.tsv"
+        str(LAYOUT.benchmark("curves", "{stage}"))
     conda:
         "../envs/vaeflow.yaml"
     threads: 1
     resources:
         mem_mb=2000,
         runtime=10,
+    params:
+        code=CODE,
     shell:
-        "python scripts/curves.py --results results --stage {wildcards.stage} > {log} 2>&1"
+        f"python scripts/curves.py --results {RESULTS} "
+        "--stage {wildcards.stage} > {log} 2>&1"
 
 
 rule summary:
     input:
-        metrics=expand("results/{stage}/eval/metrics.json", stage=STAGES),
+        metrics=[str(LAYOUT.stage(s).eval_metrics) for s in STAGES],
     output:
         csv=report(
-            SUMMARY_FILES[0],
+            str(LAYOUT.summary_files()[0]),
             caption="../workflow/report/summary.rst",
             category="Evaluation",
             subcategory="All stages",
             labels={"table": "summary (CSV)"},
         ),
-        md=SUMMARY_FILES[1],
+        md=str(LAYOUT.summary_files()[1]),
         html=report(
-            SUMMARY_FILES[2],
+            str(LAYOUT.summary_files()[2]),
             caption="../workflow/report/summary.rst",
             category="Evaluation",
             subcategory="All stages",
             labels={"table": "summary"},
         ),
     log:
-        "results/logs/summary.log",
+        str(LAYOUT.log("summary")),
     benchmark:
-        "results/benchmarks/summary.tsv"
+        str(LAYOUT.benchmark("summary"))
     conda:
         "../envs/vaeflow.yaml"
     threads: 1
@@ -57,5 +60,6 @@ rule summary:
         runtime=10,
     params:
         config=CONFIG_ARGS,
+        code=CODE,
     shell:
-        "python scripts/summary.py --config {params.config} --results results > {log} 2>&1"
+        f"python scripts/summary.py --config {{params.config}} --results {RESULTS} > {{log}} 2>&1"

@@ -1,18 +1,18 @@
 rule sample:
     input:
-        best="results/{stage}/best.pt",
+        best=str(STAGE.best),
         data=DATA_FILES,
     output:
-        recon=sample_grid("vae_recon_grid", "reconstructions"),
-        generated=sample_grid("vae_generated_grid", "random samples"),
-        latent_grid=sample_grid("vae_latent_grid", "2D latent grid"),
-        traversal=sample_grid("vae_traversal", "traversals"),
-        interpolation=sample_grid("vae_interpolation", "interpolations"),
-        note=f"results/{{stage}}/samples/sampling_{SAMPLE_LABEL}.json",
+        recon=sample_grid("reconstruction", "reconstructions"),
+        generated=sample_grid("random", "random samples"),
+        latent_grid=sample_grid("latent_grid", "2D latent grid"),
+        traversal=sample_grid("traversal", "traversals"),
+        interpolation=sample_grid("interpolation", "interpolations"),
+        note=str(STAGE.sample_note(SAMPLE_LABEL)),
     log:
-        "results/logs/sample_{stage}.log",
+        str(LAYOUT.log("sample", "{stage}")),
     benchmark:
-        "results/benchmarks/sample_{stage}.tsv"
+        str(LAYOUT.benchmark("sample", "{stage}"))
     conda:
         "../envs/vaeflow.yaml"
     threads: 1
@@ -21,7 +21,8 @@ rule sample:
         runtime=30,
     params:
         config=CONFIG_ARGS,
+        code=CODE,
         sampling=json.dumps([VF["seed"], VF["sampling"]], sort_keys=True),
     shell:
-        "python scripts/sample.py --config {params.config} --checkpoints-root results "
-        "--run-name {wildcards.stage} > {log} 2>&1"
+        f"python scripts/sample.py --config {{params.config}} --results {RESULTS} "
+        "--stage {wildcards.stage} > {log} 2>&1"

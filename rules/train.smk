@@ -1,27 +1,33 @@
 # One job per entry of training.pipeline.steps; each starts from the previous stage's
 # best.pt. Resume state lives in results/{stage}/running/, which is not a declared
 # output, so a killed job's rerun (--rerun-incomplete) continues where it stopped.
+from vaeflow.trainer.slurm import train_job_resources
+
+
 rule train:
     input:
         unpack(train_inputs),
     output:
-        best="results/{stage}/best.pt",
-        last="results/{stage}/last.pt",
-        metrics="results/{stage}/metrics.jsonl",
+        best=str(STAGE.best),
+        last=str(STAGE.last),
+        metrics=str(STAGE.metrics_log),
     log:
-        "results/logs/train_{stage}.log",
+        str(LAYOUT.log("train", "{stage}")),
     benchmark:
-        "results/benchmarks/train_{stage}.tsv"
+        str(LAYOUT.benchmark("train", "{stage}"))
     conda:
         "../envs/vaeflow.yaml"
-    threads: 2
+    threads: VF["training"]["cpu_threads"]
     resources:
         mem_mb=8000,
         runtime=240,
         gpu=0,
+        # nnodes > 1: nodes, tasks and the `mpi` resource (vaeflow.trainer.slurm)
+        **train_job_resources(VF["training"]["distributed"]["nnodes"]),
     params:
         config=CONFIG_ARGS,
+        code=CODE,
         stage=stage_params,
     shell:
-        "python scripts/train.py --config {params.config} --results results "
+        f"python scripts/train.py --config {{params.config}} --results {RESULTS} "
         "--stage {wildcards.stage} > {log} 2>&1"

@@ -9,6 +9,7 @@ import yaml
 
 from support import TINY, run
 from vaeflow import config as cfg
+from vaeflow.preflight import check_code_level
 
 
 def tiny() -> dict:
@@ -59,7 +60,16 @@ def test_validate_names_the_key(case):
 def test_unknown_model_option_is_a_config_error():
     c = cfg.validate(broken(lambda c: c["model"].update(bogus_width=3)))
     with pytest.raises(cfg.ConfigError, match=r"in model: .*bogus_width"):
-        cfg.check_code_level(c)
+        check_code_level(c)
+
+
+@pytest.mark.parametrize("key, stage_key", [("beta", "kl_beta"), ("recon_loss", "recon_type")])
+def test_cnn_vae_keys_the_trainer_ignores_name_the_stage_key(key, stage_key):
+    """cnn_vae's own beta / recon_loss would be silently ignored: the stage's loss keys rule."""
+    c = cfg.validate(broken(lambda c: c.update(model={"type": "cnn_vae", "preset": "mnist", key: 1.0})))
+    with pytest.raises(cfg.ConfigError) as err:
+        check_code_level(c)
+    assert err.value.path == f"model.{key}" and f"training.pipeline.defaults.{stage_key}" in str(err.value)
 
 
 def test_lpips_without_backbone_weights_fails_before_training(tmp_path, monkeypatch):
@@ -67,7 +77,7 @@ def test_lpips_without_backbone_weights_fails_before_training(tmp_path, monkeypa
     monkeypatch.delenv("VAEFLOW_LPIPS_RANDOM_BACKBONE", raising=False)
     c = cfg.validate(broken(lambda c: c["training"]["pipeline"]["steps"][1].update(use_lpips=True)))
     with pytest.raises(cfg.ConfigError, match=r"steps\[1\]\.use_lpips: .*alexnet-owt-7be5be79.pth"):
-        cfg.check_code_level(c)
+        check_code_level(c)
 
 
 def test_defaults_merge_into_steps():

@@ -1,4 +1,4 @@
-"""vaeflow.train on any torch Dataset (seed 000's library API)."""
+"""vaeflow.train on any torch Dataset (the library API)."""
 
 from __future__ import annotations
 

@@ -13,7 +13,9 @@ from support import TINY
 from vaeflow import config as cfg
 from vaeflow.data import prepare_dataset
 from vaeflow.evaluate import evaluate_checkpoint
-from vaeflow.sample import output_names, sample_run
+from vaeflow.layout import StageLayout
+from vaeflow.preflight import check_code_level
+from vaeflow.sample import sample_run
 from vaeflow.trainer import run_stage
 
 BACKBONE = dict(in_channels=1, resolution=8, base_ch=8, ch_mult=[1, 2], num_res_blocks=1, norm_groups=4)
@@ -40,7 +42,7 @@ def test_family_trains_evaluates_and_samples(tmp_path, data_dir, family):
     if family.startswith("cnn"):
         raw["training"]["pipeline"]["defaults"]["recon_type"] = "bce"
     config = cfg.validate(raw)
-    cfg.check_code_level(config)
+    check_code_level(config)
     (tmp_path / "data").symlink_to(data_dir)
     for stage in cfg.stage_names(config):
         run_stage(config, stage, tmp_path)
@@ -54,7 +56,7 @@ def test_family_trains_evaluates_and_samples(tmp_path, data_dir, family):
     else:
         assert all("kl_loss" in m for m in train)
     written = sample_run(tmp_path, "vae_gan", "best", samples=9, data_dir=data_dir)
-    assert [p.name for p in written] == output_names("best")  # five grids and their JSON note
+    assert written == StageLayout(tmp_path, "vae_gan").sample_files("best")  # five grids and their JSON note
     state = torch.load(best, weights_only=True)
     assert state["config"]["model"]["type"] == FAMILIES[family]["type"]
 

@@ -7,6 +7,7 @@ import pytest
 from support import REPO
 from vaeflow import config as cfg
 from vaeflow.data import resolve_data_cfg
+from vaeflow.preflight import check_code_level
 
 CONFIGS = sorted(p.name for p in (REPO / "config").glob("*.yaml") if p.name != "schema.yaml")
 
@@ -20,7 +21,7 @@ def test_shipped_config_is_valid(name, monkeypatch):
     # celeba's GAN stage uses LPIPS; its weights are checked separately (they can't be downloaded here)
     monkeypatch.setenv("VAEFLOW_LPIPS_RANDOM_BACKBONE", "1")
     config = cfg.load(REPO / "config" / name)
-    cfg.check_code_level(config)
+    check_code_level(config)
     assert cfg.stage_names(config)[:2] == ["vae_warmup", "vae_gan"]
     resolved = resolve_data_cfg(config["data"])  # the data layer accepts the section too
     assert resolved["spatial_dims"] == (3 if name == "ct3d.yaml" else 2)

@@ -125,3 +125,169 @@ def test_snakemake_rerun_incomplete_resumes(project):
     run(["snakemake", "--cores", "1", "--rerun-incomplete", "results/vae_warmup/best.pt"], project)
     assert "Resuming from checkpoint: step=1 (vae_warmup)" in (project / "results" / "logs" / "train_vae_warmup.log").read_text()
     assert (project / "results" / "vae_warmup" / "best.pt").exists()
+
+
+# ---------------------------------------------------------------- several processes and nodes
+# One stage with warm-up steps then the GAN (disc_start 8, R1), 2 epochs x 8 steps, a resume
+# checkpoint every 3 steps; two processes, on one node or on two (two torchrun launchers on
+# loopback). Faults: a stuck worker (SIGSTOP) on one node, a killed one (SIGKILL) on two.
+DIST_TIMEOUT_S = 20
+LOOPBACK = {"GLOO_SOCKET_IFNAME": "lo"}  # gloo between the ranks stays on 127.0.0.1
+
+
+def dist_project(dest: Path, nproc: int, nnodes: int = 1) -> Path:
+    from support import make_project
+
+    project = make_project(dest)
+    path = project / "config" / "config.yaml"
+    cfg = yaml.safe_load(path.read_text())
+    t = cfg["training"]
+    t["save_every"] = 3
+    t["distributed"] = {"nproc_per_node": nproc, "nnodes": nnodes, "backend": "gloo", "timeout_s": DIST_TIMEOUT_S}
+    t["pipeline"]["defaults"].update(max_steps=8, grad_clip=1.0)
+    t["pipeline"]["steps"] = [{"name": "vae_gan", "n_epochs": 2, "gan_training": True, "disc_start": 8,
+                               "lambda_adv": 0.1, "r1_gamma": 1.0}]
+    path.write_text(yaml.safe_dump(cfg))
+    run(["python", "scripts/prepare.py", "--config", "config/config.yaml"], project)
+    return project
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def node_cmds(nnodes: int, port: int) -> list[list[str]]:
+    """The command each node runs (README: the same on every machine)."""
+    if nnodes == 1:
+        return [train_cmd("vae_gan")]
+    return [[*train_cmd("vae_gan"), "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "resume-test"]] * nnodes
+
+
+def start_nodes(project: Path, nnodes: int, tag: str) -> list[tuple[subprocess.Popen, Path]]:
+    port, procs = free_port(), []
+    for i, cmd in enumerate(node_cmds(nnodes, port)):
+        log = project / f"{tag}-node{i}.log"
+        with open(log, "w") as f:
+            procs.append((subprocess.Popen(cmd, cwd=project, env=tool_env(**LOOPBACK), stdout=f, stderr=subprocess.STDOUT,
+                                           start_new_session=True), log))
+    return procs
+
+
+def finish_nodes(procs, timeout: float) -> list[tuple[int, str]]:
+    out = []
+    for proc, log in procs:
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise AssertionError(f"launcher {proc.pid} still running after {timeout} s:\n{log.read_text()[-3000:]}")
+        out.append((rc, log.read_text()))
+    return out
+
+
+def worker_pid(launchers, rank: int) -> int:
+    """The torchrun worker that holds `rank` among the launchers' descendants."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            pid, rest = stat.read_text().split(" (", 1)
+            children.setdefault(int(rest.rsplit(") ", 1)[1].split()[1]), []).append(int(pid))
+        except (OSError, IndexError, ValueError):
+            continue
+    todo = [p.pid for p, _ in launchers]
+    while todo:
+        pid = todo.pop()
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            env = []
+        if f"RANK={rank}".encode() in env and b"TORCHELASTIC_RUN_ID" in b" ".join(env):
+            return pid
+        todo += children.get(pid, [])
+    raise AssertionError(f"no worker with rank {rank}")
+
+
+def wait_for_checkpoint(project: Path, launchers, min_step: int) -> None:
+    last = project / "results" / "vae_gan" / "running" / "last.pt"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if any(p.poll() is not None for p, _ in launchers):
+            raise AssertionError("a launcher ended before the fault: " + launchers[0][1].read_text()[-3000:])
+        try:
+            if torch.load(last, weights_only=True)["global_step"] >= min_step:
+                return
+        except Exception:  # not there yet, or caught between writes
+            pass
+        time.sleep(0.05)
+    raise AssertionError("no resume checkpoint appeared")
+
+
+def assert_same_run(ref: Path, cut: Path) -> None:
+    for name in ("last.pt", "best.pt"):
+        a = torch.load(ref / "results" / "vae_gan" / name, weights_only=True)
+        b = torch.load(cut / "results" / "vae_gan" / name, weights_only=True)
+        assert a["global_step"] == b["global_step"] == 16
+        for key in ("model", "ema", "discriminator", "optimizers", "schedulers", "rng_ranks"):
+            assert_same_tensors(a[key], b[key], f"{name}:{key}")
+    lines = [(p / "results" / "vae_gan" / "metrics.jsonl").read_text().splitlines() for p in (ref, cut)]
+    assert len(lines[0]) == len(lines[1])
+
+
+@pytest.fixture(scope="module")
+def two_process_ref(tmp_path_factory) -> Path:
+    """An uninterrupted 2-process run on one node: what every faulty run must reproduce."""
+    ref = dist_project(tmp_path_factory.mktemp("dist") / "ref", nproc=2)
+    [(rc, log)] = finish_nodes(start_nodes(ref, 1, "ref"), 600)
+    assert rc == 0, log[-3000:]
+    assert "Data parallel over 2 processes: 16 images each per batch" in log
+    return ref
+
+
+def test_two_processes_stuck_worker_times_out_and_resume_is_bit_exact(tmp_path, two_process_ref):
+    cut = dist_project(tmp_path / "cut", nproc=2)
+    launchers = start_nodes(cut, 1, "cut")
+    wait_for_checkpoint(cut, launchers, 5)
+    stuck = worker_pid(launchers, 1)
+    os.kill(stuck, signal.SIGSTOP)  # a hung worker: alive, never reaching the next collective
+    t0 = time.time()
+    try:
+        [(rc, log)] = finish_nodes(launchers, DIST_TIMEOUT_S + 120)
+    finally:
+        subprocess.run(["kill", "-KILL", str(stuck)], capture_output=True)
+    # Rank 0 waits timeout_s in its collective, asks which ranks still answer (10 s at most),
+    # exits; torchrun then stops the stuck worker (SIGTERM, SIGKILL after 5 s).
+    assert rc == 1 and time.time() - t0 < DIST_TIMEOUT_S + 60, log[-3000:]
+    [line] = [l for l in log.splitlines() if l.startswith("vaeflow: error: training failed:")]
+    assert "rank 0 (local rank 0" in line and "rank(s) 1 did not answer" in line
+    assert f"training.distributed.timeout_s={DIST_TIMEOUT_S}" in line
+    assert "Traceback" not in log
+
+    [(rc, log)] = finish_nodes(start_nodes(cut, 1, "rerun"), 600)
+    assert rc == 0 and "Resuming from checkpoint: step=1 (vae_gan)" in log, log[-3000:]
+    assert_same_run(two_process_ref, cut)
+
+
+def test_two_nodes_on_loopback_match_one_node_and_resume_after_sigkill(tmp_path, two_process_ref):
+    cut = dist_project(tmp_path / "cut", nproc=1, nnodes=2)
+    launchers = start_nodes(cut, 2, "cut")
+    wait_for_checkpoint(cut, launchers, 5)
+    os.kill(worker_pid(launchers, 1), signal.SIGKILL)
+    ended = finish_nodes(launchers, DIST_TIMEOUT_S + 120)
+    assert all(rc == 1 for rc, _ in ended), [log[-2000:] for _, log in ended]
+    lines = [l for _, log in ended for l in log.splitlines() if l.startswith("vaeflow: error: training failed:")]
+    assert len(lines) == 2, [log[-3000:] for _, log in ended]  # one per node
+    assert any("rank 1 (local rank 0" in l and "was killed by SIGKILL" in l for l in lines), lines
+    # The other node: its worker lost rank 1 (a CollectiveError), or, when the killed worker's
+    # node hosted the rendezvous store, its launcher lost the store.
+    assert any("rank 0 (local rank 0" in l or "this node lost the rendezvous at 127.0.0.1" in l for l in lines), lines
+    assert all("Traceback" not in log for _, log in ended)
+
+    resumed = finish_nodes(start_nodes(cut, 2, "rerun"), 600)
+    assert all(rc == 0 for rc, _ in resumed), [log[-3000:] for _, log in resumed]
+    assert "Resuming from checkpoint: step=1 (vae_gan)" in "".join(log for _, log in resumed)
+    # Two launchers, c10d rendezvous, one process each: bit for bit the one-node run.
+    assert_same_run(two_process_ref, cut)

@@ -10,28 +10,36 @@ import argparse
 import sys
 from pathlib import Path
 
+from vaeflow.layout import DATA, EVAL_METRICS, RESULTS, SUMMARY_FILES, Layout
+
 
 def _known_errors() -> tuple[type[BaseException], ...]:
     from vaeflow.checkpoint import CheckpointError
+    from vaeflow.collectives import CollectiveError
     from vaeflow.config import ConfigError
     from vaeflow.data import DataError
     from vaeflow.losses import PerceptualWeightsMissing
+    from vaeflow.provenance import ProvenanceError
     from vaeflow.sample import SampleError
     from vaeflow.trainer.guard import NonFiniteError
+    from vaeflow.trainer.slurm import LaunchError
 
-    return (ConfigError, DataError, CheckpointError, PerceptualWeightsMissing, SampleError, FileNotFoundError, NonFiniteError)
+    return (ConfigError, DataError, CheckpointError, PerceptualWeightsMissing, SampleError, ProvenanceError,
+            FileNotFoundError, NonFiniteError, CollectiveError,
+            LaunchError)
 
 
 def _load_config(args):
     from vaeflow import config as cfg
+    from vaeflow.preflight import check_code_level
 
     config = cfg.load(args.config)
-    cfg.check_code_level(config)
+    check_code_level(config)
     return config
 
 
 def cmd_validate(args) -> int:
-    from vaeflow.config import resolve_steps, stage_metrics
+    from vaeflow.config import logged_metrics, model_family, resolve_steps
 
     config = _load_config(args)
     steps = resolve_steps(config)
@@ -52,7 +60,8 @@ def cmd_validate(args) -> int:
         t = s["transition_on"]
         if t.get("mode") == "loss_threshold":
             print(f"  Transition: loss_threshold ({t['metric']} < {t['threshold']}, max {t['max_epochs']} epochs)")
-        print(f"  Metrics: {', '.join(sorted(stage_metrics(s)))}")
+        logged = logged_metrics(s, model_family(config["model"]["type"]))
+        print(f"  Metrics: {', '.join(logged['train'] + logged['val'])}")
     return 0
 
 
@@ -60,7 +69,7 @@ def cmd_prepare(args) -> int:
     from vaeflow.data import prepare_dataset
 
     config = _load_config(args)
-    manifest = prepare_dataset(config["data"], Path(args.results) / "data")
+    manifest = prepare_dataset(config["data"], Layout(args.results).data)
     counts = manifest.get("counts", {})
     print(f"prepared {config['data']['dataset']}: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
     return 0
@@ -68,19 +77,46 @@ def cmd_prepare(args) -> int:
 
 def cmd_train(args) -> int:
     import os
+    import shlex
 
     from vaeflow.trainer import run_stage
 
     config = _load_config(args)
-    nproc = config["training"]["distributed"]["nproc_per_node"]
-    if nproc > 1 and "WORLD_SIZE" not in os.environ:
-        # Relaunch this very command under torchrun: one process per device.
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "vaeflow.cli", "train", "--config", *args.config, "--results", args.results, "--stage", args.stage]
-        sys.stdout.flush()
-        os.execv(sys.executable, cmd)
+    dcfg = config["training"]["distributed"]
+    if dcfg["nproc_per_node"] * dcfg["nnodes"] > 1 and "WORLD_SIZE" not in os.environ:
+        # Relaunch this very command under torchrun: one process per device (trainer/launch.py).
+        from vaeflow.trainer.launch import ENDPOINT_ENV, launch
+
+        worker = ["train", "--config", *args.config, "--results", args.results, "--stage", args.stage]
+        if dcfg["nnodes"] > 1 and not (args.rdzv_endpoint or os.environ.get(ENDPOINT_ENV)):
+            # A SLURM job's batch script: one `vaeflow train` per node through srun, each told the
+            # rendezvous (trainer/slurm.py); outside SLURM, one message with the per-machine command.
+            from vaeflow.trainer.slurm import multinode_command
+
+            cmd = multinode_command(dcfg["nnodes"], dcfg["nproc_per_node"], ["-m", "vaeflow.cli", *worker])
+            print("vaeflow: " + shlex.join(cmd), flush=True)
+            os.execvp(cmd[0], cmd)
+        return launch(worker, dcfg, args.rdzv_endpoint, args.rdzv_id)
+    import torch
+
+    # The thread count changes float reduction order: the config fixes it, not the runner's env.
+    torch.set_num_threads(max(1, config["training"]["cpu_threads"] // dcfg["nproc_per_node"]))
     run_stage(config, args.stage, args.results)
     return 0
+
+
+def _eval_device(config: dict | None):
+    """`evaluation.device`, or `training.device` when null ("auto": cuda, then mps, then cpu);
+    evaluation and sampling run there."""
+    from vaeflow.config import ConfigError
+    from vaeflow.trainer.device import resolve_device
+
+    name = "auto" if config is None else (config["evaluation"].get("device") or config["training"]["device"])
+    try:
+        return resolve_device(name)
+    except RuntimeError:
+        key = "evaluation.device" if config and config["evaluation"].get("device") else "training.device"
+        raise ConfigError(key, f"{name!r} but CUDA is not available on this machine") from None
 
 
 def cmd_evaluate(args) -> int:
@@ -89,24 +125,28 @@ def cmd_evaluate(args) -> int:
 
     config = _load_config(args)
     stage_index(config, args.stage)
+    device = _eval_device(config)
     from vaeflow.data import check_prepared
 
-    check_prepared(config["data"], Path(args.results) / "data")
+    layout = Layout(args.results)
+    check_prepared(config["data"], layout.data)
     ecfg = config["evaluation"]
-    metrics = evaluate_checkpoint(
-        Path(args.results) / args.stage / f"{ecfg['checkpoint']}.pt", Path(args.results) / "data",
-        eval_cfg=ecfg, seed=config["seed"],
-    )
-    write_metrics(metrics, Path(args.results) / args.stage / "eval" / "metrics.json")
-    lp = metrics["lpips"]
-    if not lp.get("available"):
-        print(f"LPIPS unavailable (recorded as such): {lp.get('reason')}")
+    stage = layout.stage(args.stage)
+    metrics = evaluate_checkpoint(stage.checkpoint(ecfg["checkpoint"]), layout.data, eval_cfg=ecfg, seed=config["seed"], device=device)
+    from vaeflow.provenance import record
+
+    metrics["provenance"] = record()
+    write_metrics(metrics, stage.eval_metrics)
+    for key, name in (("lpips", "LPIPS"), ("rfid", "rFID")):
+        if not metrics[key].get("available"):
+            print(f"{name} unavailable (recorded as such): {metrics[key].get('reason')}")
     print(summary_line(args.stage, metrics))
     return 0
 
 
 def cmd_sample(args) -> int:
-    from vaeflow.sample import SAMPLING_DEFAULTS, check_square, sample_run
+    from vaeflow.config import schema_defaults
+    from vaeflow.sample import check_square, sample_run
 
     if args.samples is not None:
         check_square(args.samples)  # before loading anything
@@ -114,17 +154,17 @@ def cmd_sample(args) -> int:
         config = _load_config(args)
         scfg, seed = config["sampling"], config["seed"]
     else:
-        scfg, seed = dict(SAMPLING_DEFAULTS), 0
+        scfg, seed = schema_defaults("sampling"), schema_defaults("seed")
     samples = args.samples or scfg["samples"]
     checkpoint = args.checkpoint or scfg["checkpoint"]
-    run = args.run_name
-    if run is None:
+    stage = args.stage
+    if stage is None:
         from vaeflow.sample import latest_run
 
-        run = latest_run(args.checkpoints_root)
-        print(f"--run-name not given: using the most recently updated run, {run}")
-    sample_run(args.checkpoints_root, run, checkpoint, samples, data_dir=args.data_dir, seed=seed,
-               sampling_cfg=scfg, log=print)
+        stage = latest_run(args.results)
+        print(f"--stage not given: using the most recently updated stage, {stage}")
+    sample_run(args.results, stage, checkpoint, samples, data_dir=args.data_dir, seed=seed,
+               sampling_cfg=scfg, log=print, device=_eval_device(config if args.config else None))
     return 0
 
 
@@ -137,18 +177,16 @@ def cmd_curves(args) -> int:
 
 
 def cmd_summary(args) -> int:
-    from vaeflow.config import stage_names
-    from vaeflow.evaluate import iter_stage_metrics
-    from vaeflow.report import write_summary
+    from vaeflow.config import load, stage_names
+    from vaeflow.report import iter_stage_metrics, write_summary
 
-    config = _load_config(args)
+    config = load(args.config)  # no code-level check: this job reads JSON, it needs no torch
     stages = stage_names(config)
     metrics = iter_stage_metrics(args.results, stages)
     missing = [s for s in stages if s not in metrics]
     if missing:
-        raise FileNotFoundError(f"no eval/metrics.json for stage(s) {', '.join(missing)} under {args.results}: run evaluate first")
-    root = Path(args.results)
-    df = write_summary(metrics, root / "summary.csv", root / "summary.md", root / "summary.html")
+        raise FileNotFoundError(f"no {EVAL_METRICS} for stage(s) {', '.join(missing)} under {args.results}: run evaluate first")
+    df = write_summary(metrics, *Layout(args.results).summary_files())
     print(df.to_string(index=False))
     return 0
 
@@ -188,38 +226,54 @@ def cmd_export_diffusers(args) -> int:
     return 0
 
 
+def cmd_provenance(args) -> int:
+    from vaeflow.provenance import describe, read
+
+    for path in args.files:
+        print(f"{path}\n" + "\n".join("  " + line for line in describe(read(path)).splitlines()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vaeflow", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
 
     def with_config(sp, required=True):
-        sp.add_argument("--config", nargs="+", default=None if not required else ["config/config.yaml"],
-                        help="config file(s); later files override earlier ones (default: config/config.yaml)")
-        sp.add_argument("--results", default="results", help="results directory (default: results)")
+        default = ["config/config.yaml"] if required else None
+        sp.add_argument("--config", nargs="+", default=default,
+                        help="config file(s); later files override earlier ones "
+                        f"(default: {default[0] if default else 'none: the schema defaults'})")
+        sp.add_argument("--results", default=RESULTS, help=f"results directory (default: {RESULTS})")
         return sp
 
-    sp = sub.add_parser("validate", help="check a config and print the pipeline summary (seed 003's --validate-pipeline)")
+    sp = sub.add_parser("validate", help="check a config and print the pipeline summary (stages, modes, optimizers)")
     sp.add_argument("config", nargs="+")
     sp.set_defaults(func=cmd_validate)
-    with_config(sub.add_parser("prepare", help="raw data -> results/data")).set_defaults(func=cmd_prepare)
+    with_config(sub.add_parser("prepare", help=f"raw data -> {RESULTS}/{DATA}")).set_defaults(func=cmd_prepare)
     sp = with_config(sub.add_parser("train", help="train one stage"))
     sp.add_argument("--stage", required=True)
+    sp.add_argument("--rdzv-endpoint", default=None, metavar="HOST:PORT",
+                    help="training.distributed.nnodes > 1: the rendezvous endpoint, the same on every node "
+                         "(default: $VAEFLOW_RDZV_ENDPOINT)")
+    sp.add_argument("--rdzv-id", default=None, help="several nodes: a run id, the same on every node "
+                    "(default: $VAEFLOW_RDZV_ID, else 'vaeflow')")
     sp.set_defaults(func=cmd_train)
     sp = with_config(sub.add_parser("evaluate", help="test-split metrics of one stage"))
     sp.add_argument("--stage", required=True)
     sp.set_defaults(func=cmd_evaluate)
-    sp = sub.add_parser("sample", help="sample grids from a trained stage (seed 000's flags)")
-    sp.add_argument("--config", nargs="+", default=None)
-    sp.add_argument("--checkpoints-root", default="results")
-    sp.add_argument("--run-name", default=None, help="stage directory (default: most recently updated)")
+    sp = with_config(sub.add_parser("sample", help="sample grids from a trained stage"), required=False)
+    sp.add_argument("--stage", default=None, help="stage (default: the most recently updated one)")
+    sp.add_argument("--checkpoints-root", dest="results", default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # old name of --results
+    sp.add_argument("--run-name", dest="stage", default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # old name of --stage
     sp.add_argument("--checkpoint", choices=["best", "last", "both"], default=None)
     sp.add_argument("--samples", type=int, default=None, help="grid size, a perfect square")
-    sp.add_argument("--data-dir", default=None, help="prepared data (default: <checkpoints-root>/data)")
+    sp.add_argument("--data-dir", default=None, help=f"prepared data (default: <results>/{DATA})")
     sp.set_defaults(func=cmd_sample)
     sp = with_config(sub.add_parser("curves", help="loss-curve PNG and CSVs of one stage from its metrics.jsonl"))
     sp.add_argument("--stage", required=True)
     sp.set_defaults(func=cmd_curves)
-    with_config(sub.add_parser("summary", help="results/summary.csv|md|html across stages")).set_defaults(func=cmd_summary)
+    summary_help = f"{RESULTS}/{{{','.join(SUMMARY_FILES)}}} across stages"
+    with_config(sub.add_parser("summary", help=summary_help)).set_defaults(func=cmd_summary)
     sp = with_config(sub.add_parser("dvc-yaml", help="write dvc.yaml from the config"))
     sp.add_argument("--out", default="dvc.yaml")
     sp.add_argument("--check", action="store_true", help="exit 1 if the file differs from what would be written")
@@ -231,6 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("checkpoint")
     sp.add_argument("out_dir")
     sp.set_defaults(func=cmd_export_diffusers)
+    sp = sub.add_parser("provenance", help="the code fingerprint, git commit and tool versions that made a checkpoint or metrics.json")
+    sp.add_argument("files", nargs="+")
+    sp.set_defaults(func=cmd_provenance)
     return p
 
 
@@ -240,6 +297,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except _known_errors() as exc:
         print(f"vaeflow: error: {exc}", file=sys.stderr)
+        from vaeflow.trainer.launch import record_worker_error
+
+        record_worker_error(exc)  # a torchrun worker: the launcher names this rank's error
         return 2
 
 

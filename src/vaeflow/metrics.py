@@ -23,12 +23,12 @@ LOG_2PI = math.log(2.0 * math.pi)
 
 def to_model_range(x: torch.Tensor, model) -> torch.Tensor:
     """[0, 1] images -> the model's input range ([-1, 1] for `input_range == "signed"`)."""
-    return x * 2 - 1 if getattr(model, "input_range", "signed") == "signed" else x
+    return x * 2 - 1 if model.input_range == "signed" else x
 
 
 def to_unit(x: torch.Tensor, model) -> torch.Tensor:
     """Model output -> [0, 1] images (clipped), the inverse of `to_model_range`."""
-    return ((x + 1) / 2).clamp(0, 1) if getattr(model, "input_range", "signed") == "signed" else x.clamp(0, 1)
+    return ((x + 1) / 2).clamp(0, 1) if model.input_range == "signed" else x.clamp(0, 1)
 
 
 # ----------------------------------------------------------------------------- pixel metrics
@@ -239,7 +239,8 @@ def elbo_and_iw_nll(
       iw_nll     = -(logsumexp_i log w_i - log k)           (-> -log p(x) as k grows)
       neg_elbo_mc = -mean_i log w_i                          (the same samples' ELBO: iw_nll <= it)
 
-    Samples are drawn in chunks of `chunk` to bound memory.
+    Samples are drawn in chunks of `chunk` to bound memory, on the generator's device (a CPU
+    generator gives the same draws whatever device the model is on).
     """
     mean, logvar = mean.double(), logvar.double()
     std = (0.5 * logvar).exp()
@@ -250,7 +251,8 @@ def elbo_and_iw_nll(
     done = 0
     while done < k:
         n = min(chunk, k - done)
-        eps = torch.randn((n, *mean.shape), generator=generator, dtype=torch.float64, device=mean.device)
+        eps = torch.randn((n, *mean.shape), generator=generator, dtype=torch.float64,
+                          device=generator.device if generator is not None else mean.device).to(mean.device)
         z = mean[None] + std[None] * eps  # [n, B, *latent]
         z_flat = z.flatten(0, 1)
         m_flat = mean[None].expand_as(z).flatten(0, 1)

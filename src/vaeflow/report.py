@@ -1,9 +1,11 @@
 """Loss curves per stage (from metrics.jsonl) and the evaluation summary across stages.
 
-    results/<stage>/plots/loss_curves.png   one panel per logged metric, train and val
-    results/<stage>/plots/train.csv         the train records, one column per metric (DVC plots)
-    results/<stage>/plots/val.csv           the per-epoch validation records (DVC plots)
-    results/summary.csv / .md / .html       one row per stage from results/<stage>/eval/metrics.json
+    <stage>/plots/loss_curves.png   one panel per logged metric, train and val
+    <stage>/plots/train.csv         the train records, one column per metric (DVC plots)
+    <stage>/plots/val.csv           the per-epoch validation records (DVC plots)
+    summary.csv / .md / .html       one row per stage from <stage>/eval/metrics.json
+
+(file names: vaeflow.layout)
 """
 
 from __future__ import annotations
@@ -11,19 +13,17 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Iterable
 
 import pandas as pd
 
 from vaeflow.checkpoint import atomic_write
+from vaeflow.config import VAL_OF, logged_metrics
+from vaeflow.layout import StageLayout
 
-# A train metric and its validation counterpart share a panel.
-VAL_OF = {"vae_loss": "val_loss", "recon_loss": "val_recon", "kl_loss": "val_kl"}
-PANEL_ORDER = ["vae_loss", "recon_loss", "kl_loss", "vq_loss", "lpips_loss", "g_loss", "d_loss"]
-CURVE_FILES = {"png": "loss_curves.png", "train": "train.csv", "val": "val.csv"}
-
-
-def curve_outputs(stage: str, results: str = "results") -> dict[str, str]:
-    return {k: f"{results}/{stage}/plots/{v}" for k, v in CURVE_FILES.items()}
+_EVERY_MODE = {"train_vae": True, "gan_training": True, "use_lpips": True}
+# Panels in the order a stage logs its metrics (both latent families).
+PANEL_ORDER = list(dict.fromkeys(m for fam in ("kl", "vq") for m in logged_metrics(_EVERY_MODE, fam)["train"]))
 
 
 def read_metrics_jsonl(path: str | Path) -> pd.DataFrame:
@@ -101,14 +101,13 @@ def _write_csv(df: pd.DataFrame, out: Path) -> Path:
 
 def stage_curves(results: str | Path, stage: str) -> list[Path]:
     """Write a stage's loss-curve PNG and its train/val CSVs (for `dvc plots`)."""
-    root = Path(results) / stage
-    df = read_metrics_jsonl(root / "metrics.jsonl")
-    plots = root / "plots"
-    out = [plot_loss_curves(df, plots / CURVE_FILES["png"], f"{stage}: training curves")]
+    layout = StageLayout(results, stage)
+    df = read_metrics_jsonl(layout.metrics_log)
+    out = [plot_loss_curves(df, layout.curve("png"), f"{stage}: training curves")]
     for split in ("train", "val"):
         part = df[df["split"] == split] if "split" in df else df
         cols = ["epoch", "batch", "global_step", *_metric_columns(part)]
-        out.append(_write_csv(part[[c for c in cols if c in part.columns]], plots / CURVE_FILES[split]))
+        out.append(_write_csv(part[[c for c in cols if c in part.columns]], layout.curve(split)))
     return out
 
 
@@ -117,7 +116,7 @@ def stage_curves(results: str | Path, stage: str) -> list[Path]:
 SUMMARY_COLUMNS = [
     ("stage", "stage"), ("epoch", "epoch"), ("global_step", "global_step"), ("weights", "weights"),
     ("test_images", "test_images"), ("mse", "mse"), ("l1", "l1"), ("psnr", "psnr"), ("ssim", "ssim"),
-    ("lpips.value", "lpips"), ("nll.neg_elbo_nats", "neg_elbo_nats"), ("nll.neg_elbo_bpd", "neg_elbo_bpd"),
+    ("lpips.value", "lpips"), ("rfid.value", "rfid"), ("rfid.protocol.images", "rfid_images"), ("nll.neg_elbo_nats", "neg_elbo_nats"), ("nll.neg_elbo_bpd", "neg_elbo_bpd"),
     ("nll.iw_nll_nats", "iw_nll_nats"), ("nll.iw_nll_bpd", "iw_nll_bpd"), ("nll.iw_samples", "iw_k"),
     ("nll.kl_nats", "kl_nats"), ("nll.likelihood.kind", "likelihood"), ("nll.likelihood.sigma", "sigma"),
     ("active_units.count", "active_units"), ("latent_dims", "latent_dims"), ("codebook.usage", "codebook_usage"),
@@ -142,17 +141,23 @@ def summary_table(metrics: dict[str, dict]) -> pd.DataFrame:
         row["stage"] = stage
         rows.append(row)
     df = pd.DataFrame(rows, columns=[name for _, name in SUMMARY_COLUMNS])
-    keep = {"stage", "mse", "psnr", "ssim", "lpips"}  # lpips stays even when no stage could compute it
+    keep = {"stage", "mse", "psnr", "ssim", "lpips", "rfid"}  # these stay even when no stage could compute them
     return df[[c for c in df.columns if c in keep or df[c].notna().any()]]
 
 
 def _display(df: pd.DataFrame, metrics: dict[str, dict]) -> pd.DataFrame:
-    """Cells as text for Markdown/HTML; LPIPS that was not computed (no weights) reads "n/a"."""
+    """Cells as text for Markdown/HTML: LPIPS / rFID that were not computed (no weights) read
+    "n/a"; numbers from test-only random weights are marked "(not comparable)"."""
     out = df.astype(object).map(_cell)
-    if "lpips" in out.columns:
+    for col in ("lpips", "rfid"):
+        if col not in out.columns:
+            continue
         for i, stage in enumerate(df["stage"]):
-            if (metrics[stage].get("lpips") or {}).get("available") is False:
-                out.loc[i, "lpips"] = "n/a"
+            sec = metrics[stage].get(col) or {}
+            if sec.get("available") is False:
+                out.loc[i, col] = "n/a"
+            elif sec.get("comparable") is False:
+                out.loc[i, col] += " (not comparable)"
     return out
 
 
@@ -178,7 +183,10 @@ def to_markdown(df: pd.DataFrame) -> str:
 NOTES = [
     "Test split, EMA weights; reconstructions from the posterior mode (KL) or the quantized code (VQ).",
     "neg_elbo / iw_nll: nats per image (bpd: bits per dimension) under the stated likelihood; iw_k importance samples.",
-    "lpips n/a: the LPIPS backbone weights were not on disk (never computed with a random backbone); empty in the CSV.",
+    "lpips / rfid n/a: their weights (torchvision's backbone; torch-fidelity's InceptionV3) were not on disk: never "
+    "computed with random weights (the test-only opt-ins mark such numbers not comparable); empty in the CSV.",
+    "rfid: Fréchet Inception distance between the first rfid_images test images and their reconstructions "
+    "(protocol in each stage's metrics.json under rfid.protocol).",
     "PCA: the same number of components as latent dimensions, fit on the train split.",
 ]
 
@@ -200,3 +208,13 @@ def write_summary(metrics: dict[str, dict], csv: str | Path, md: str | Path, htm
         )
         atomic_write(html, lambda f: f.write(page.encode()))
     return df
+
+
+def iter_stage_metrics(results: str | Path, stages: Iterable[str]) -> dict[str, dict]:
+    """{stage: metrics.json contents} for the stages that have one."""
+    out = {}
+    for s in stages:
+        p = StageLayout(results, s).eval_metrics
+        if p.exists():
+            out[s] = json.loads(p.read_text())
+    return out

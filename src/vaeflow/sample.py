@@ -1,6 +1,6 @@
 """Sampling from a trained stage: one function per strategy, and `sample_run` for the CLI/rules.
 
-Strategies (seeds 000 and 002), each returning a `Grid` of tiles in [0, 1]:
+Strategies, each returning a `Grid` of tiles in [0, 1]:
 
 - `reconstruction_grid`: test images and their reconstructions, side by side;
 - `random_samples`: decoded draws from the model's prior (`sample_prior`): N(0, I) for KL
@@ -24,31 +24,11 @@ import torch
 from torchvision.utils import make_grid
 
 from vaeflow.checkpoint import atomic_write
+from vaeflow.config import schema_defaults
+from vaeflow.layout import MANIFEST, Layout, StageLayout
 from vaeflow.metrics import to_model_range as _to_model_range
 from vaeflow.metrics import to_unit as _to_unit
 from vaeflow.models.loading import load_autoencoder
-
-SAMPLING_DEFAULTS = {
-    "samples": 64,
-    "checkpoint": "best",
-    "latent_dims": [0, 1],
-    "latent_range": [-3.0, 3.0],
-    "latent_base": "zero",
-    "grid_size": 8,
-    "traversal_dims": 8,
-    "traversal_steps": 8,
-    "interpolation_steps": 8,
-    "interpolation_pairs": 4,
-}
-
-FILES = {  # strategy -> file name pattern (label: best | last)
-    "reconstruction": "vae_recon_grid_{label}.png",
-    "random": "vae_generated_grid_{label}.png",
-    "latent_grid": "vae_latent_grid_{label}.png",
-    "traversal": "vae_traversal_{label}.png",
-    "interpolation": "vae_interpolation_{label}.png",
-}
-NOTE_FILE = "sampling_{label}.json"
 
 
 class SampleError(ValueError):
@@ -62,18 +42,15 @@ class Grid:
     description: str
 
 
-def output_names(label: str) -> list[str]:
-    """Files `sample_run` writes under <run>/samples/ for one checkpoint label."""
-    return [p.format(label=label) for p in FILES.values()] + [NOTE_FILE.format(label=label)]
-
-
 def latest_run(checkpoints_root: str | Path) -> str:
-    """The most recently updated stage directory holding a best.pt or last.pt (seed 000)."""
+    """The most recently updated stage directory holding a best.pt or last.pt."""
     root = Path(checkpoints_root)
-    runs = [d for d in root.iterdir() if d.is_dir() and ((d / "best.pt").exists() or (d / "last.pt").exists())] if root.is_dir() else []
-    if not runs:
+    stages = [StageLayout(root, d.name) for d in root.iterdir() if d.is_dir()] if root.is_dir() else []
+    ckpts = {s.stage: [p for p in (s.best, s.last) if p.exists()] for s in stages}
+    ckpts = {name: paths for name, paths in ckpts.items() if paths}
+    if not ckpts:
         raise SampleError(f"no stage directory with best.pt or last.pt under {root}")
-    return max(runs, key=lambda d: max(f.stat().st_mtime for f in d.glob("*.pt"))).name
+    return max(ckpts, key=lambda name: max(p.stat().st_mtime for p in ckpts[name]))
 
 
 def check_square(samples: int) -> int:
@@ -250,29 +227,31 @@ def _images(ds, n: int, offset: int = 0) -> torch.Tensor:
 
 @torch.no_grad()
 def sample_run(checkpoints_root, run_name=None, checkpoint="best", samples=64, data_dir=None, seed=0,
-               sampling_cfg: dict | None = None, log=None) -> list[Path]:
+               sampling_cfg: dict | None = None, log=None, device: str | torch.device = "cpu") -> list[Path]:
     """Every strategy for `run_name` (default: the most recently updated run), for the `best`,
-    `last` or `both` checkpoints; PNGs and a JSON note under <run>/samples/."""
+    `last` or `both` checkpoints, with the model on `device`; PNGs and a JSON note under <run>/samples/."""
     from vaeflow.data import PreparedDataset
 
-    cfg = {**SAMPLING_DEFAULTS, **(sampling_cfg or {})}
+    cfg = {**schema_defaults("sampling"), **(sampling_cfg or {})}
     check_square(samples)
     lo, hi = (float(v) for v in cfg["latent_range"])
     if not lo < hi:
         raise SampleError(f"sampling.latent_range must be [low, high] with low < high, got {cfg['latent_range']}")
     run_name = run_name or latest_run(checkpoints_root)
-    run_dir = Path(checkpoints_root) / run_name
+    layout = Layout(checkpoints_root)
+    stage_dir = layout.stage(run_name)
+    run_dir = stage_dir.dir
     if not run_dir.is_dir():
         raise SampleError(f"no run directory {run_dir}")
     labels = ["best", "last"] if checkpoint == "both" else [checkpoint]
-    data_dir = Path(data_dir) if data_dir else Path(checkpoints_root) / "data"
+    data_dir = Path(data_dir) if data_dir else layout.data
     ds = PreparedDataset(data_dir, "test", binarize="static" if _manifest_binarize(data_dir) == "dynamic" else None, seed=seed)
     if len(ds) == 0:
         raise SampleError(f"the test split under {data_dir} is empty")
     written = []
     for label in labels:
-        ckpt_path = run_dir / f"{label}.pt"
-        model, state = load_autoencoder(ckpt_path)
+        ckpt_path = stage_dir.checkpoint(label)
+        model, state = load_autoencoder(ckpt_path, device=device)
         x = _images(ds, samples)
         family = model_family(model, x)
         g = torch.Generator().manual_seed(seed)
@@ -298,14 +277,14 @@ def sample_run(checkpoints_root, run_name=None, checkpoint="best", samples=64, d
         note = {"run": run_name, "checkpoint": str(ckpt_path), "stage": state.get("stage"), "model_family": family,
                 "latent_shape": list(model.latent_shape), "seed": seed, "files": {}}
         for key, grid in grids.items():
-            path = save_grid(grid, run_dir / "samples" / FILES[key].format(label=label), f"{run_name} {key} ({label})")
+            path = save_grid(grid, stage_dir.sample_file(key, label), f"{run_name} {key} ({label})")
             note["files"][path.name] = {"strategy": key, "tiles": int(grid.tiles.shape[0]), "per_row": grid.nrow,
                                         "description": grid.description}
             written.append(path)
             if log:
                 log(f"{path}: {grid.description}")
         note["prior"] = grids["random"].description
-        note_path = run_dir / "samples" / NOTE_FILE.format(label=label)
+        note_path = stage_dir.sample_note(label)
         atomic_write(note_path, lambda f, note=note: f.write((json.dumps(note, indent=2) + "\n").encode()))
         written.append(note_path)
     return written
@@ -313,6 +292,6 @@ def sample_run(checkpoints_root, run_name=None, checkpoint="best", samples=64, d
 
 def _manifest_binarize(data_dir: Path) -> str:
     try:
-        return json.loads((Path(data_dir) / "manifest.json").read_text()).get("binarize", "none")
+        return json.loads((Path(data_dir) / MANIFEST).read_text()).get("binarize", "none")
     except (OSError, ValueError):
         return "none"

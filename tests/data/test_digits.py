@@ -76,7 +76,7 @@ def test_rgb_channels_and_limit(tmp_path):
 
 
 def test_bad_config_values(tmp_path):
-    with pytest.raises(DataError, match="data.dataset 'nope' is unknown"):
+    with pytest.raises(DataError, match="data.dataset: 'nope' is not one of"):
         prepare_dataset({"dataset": "nope"}, tmp_path / "x")
     with pytest.raises(DataError, match="data.split.val"):
         prepare_dataset({"split": {"val": 1.5}}, tmp_path / "x")

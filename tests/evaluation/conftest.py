@@ -14,12 +14,12 @@ from torch import nn
 
 from vaeflow import checkpoint as ckpt
 from vaeflow import config as vfconfig
-from vaeflow.models.base import AEOutput, DiagonalGaussian
+from vaeflow.models.base import AEOutput, Autoencoder, DiagonalGaussian
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 
 
-class TinyMLPVAE(nn.Module):
+class TinyMLPVAE(Autoencoder):
     """A vector-latent, unit-range (sigmoid / Bernoulli) VAE like the CNN VAE MNIST preset."""
 
     input_range = "unit"
@@ -46,16 +46,13 @@ class TinyMLPVAE(nn.Module):
     def latent_shape(self):
         return (self.latent,)
 
-    def sample_prior(self, n, generator=None):
-        return torch.randn((n, self.latent), generator=generator)
-
 
 class _Quantizer:
     def __init__(self, size):
         self.codebook_size = size
 
 
-class TinyVQ(nn.Module):
+class TinyVQ(Autoencoder):
     """A minimal VQ autoencoder with the VQVAE interface: encode -> (z_q, loss, info{indices})."""
 
     input_range = "signed"
@@ -132,3 +129,16 @@ def kl_run(prepared) -> Path:
         model = build_model(cfg["model"])
     save_checkpoint(prepared, "vae_warmup", model, cfg)
     return prepared
+
+
+@pytest.fixture(scope="session")
+def random_inception(tmp_path_factory) -> Path:
+    """An UNTRAINED InceptionV3 in torch-fidelity's layout (torchvision's inception_v3 with
+    1008 classes has the same keys), for exercising the rFID code path only."""
+    import torchvision
+
+    path = tmp_path_factory.mktemp("inception") / "random-inception.pth"
+    torch.manual_seed(0)
+    net = torchvision.models.inception_v3(weights=None, aux_logits=False, num_classes=1008, init_weights=False)
+    torch.save(net.state_dict(), path)
+    return path

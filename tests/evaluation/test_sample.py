@@ -13,6 +13,7 @@ from PIL import Image
 from .conftest import TinyMLPVAE, TinyVQ
 from vaeflow import sample as S
 from vaeflow.cli import main
+from vaeflow.layout import StageLayout
 from vaeflow.models.loading import load_autoencoder
 
 
@@ -96,7 +97,7 @@ def test_sample_run_writes_every_grid(kl_run, capsys):
         rows = -(-n // per_row)
         assert (w, h) == (per_row * (8 * scale + 2) + 2, rows * (8 * scale + 2) + 2), name
         assert text["Description"] == note["files"][name]["description"] and text["Enlargement"] == "6x nearest neighbour"
-    assert sorted(p.name for p in samples.iterdir()) == sorted(S.output_names("best"))
+    assert sorted(samples.iterdir()) == sorted(StageLayout(kl_run, "vae_warmup").sample_files("best"))
 
 
 def test_samples_must_be_a_perfect_square(kl_run, capsys):
@@ -117,10 +118,10 @@ def test_default_run_is_the_most_recent_and_both_checkpoints(kl_run, tmp_path, c
             shutil.copy(kl_run / "vae_warmup" / f"{label}.pt", dst)
             os.utime(dst, (t, t))
     assert S.latest_run(root) == "newer"
-    assert main(["sample", "--checkpoints-root", str(root), "--checkpoint", "both", "--samples", "4"]) == 0
-    assert "most recently updated run, newer" in capsys.readouterr().out
-    names = {p.name for p in (root / "newer" / "samples").iterdir()}
-    assert set(S.output_names("best")) | set(S.output_names("last")) == names
+    assert main(["sample", "--results", str(root), "--checkpoint", "both", "--samples", "4"]) == 0
+    assert "most recently updated stage, newer" in capsys.readouterr().out
+    newer = StageLayout(root, "newer")
+    assert set(newer.sample_files("best")) | set(newer.sample_files("last")) == set(newer.samples.iterdir())
     assert not (root / "older" / "samples").exists()
     with pytest.raises(S.SampleError, match="no stage directory"):
         S.latest_run(tmp_path / "empty")

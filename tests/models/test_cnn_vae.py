@@ -8,7 +8,7 @@ from vaeflow.models.cnn_vae import CelebaVAE, MnistVAE, VAEBase, VAELoss
 
 @pytest.mark.parametrize("preset,shape,rng", [("mnist", (4, 1, 28, 28), "unit"),
                                               ("celeba", (2, 3, 64, 64), "signed")])
-def test_seed004_interface(preset, shape, rng, grads_missing):
+def test_vae_base_interface(preset, shape, rng, grads_missing):
     torch.manual_seed(0)
     model = build_model({"type": "cnn_vae", "preset": preset, "latent_dim": 8,
                          "hidden_dims": [8, 16, 32, 32]})

@@ -7,7 +7,7 @@ diffusers = pytest.importorskip("diffusers")
 
 from vaeflow.interop.diffusers import (config_to_diffusers, export_diffusers, from_diffusers,  # noqa: E402
                                        to_diffusers)
-from vaeflow.interop.state_dict_adapter import diffusers_to_ldm, ldm_to_diffusers  # noqa: E402
+from vaeflow.models.diffusers_keys import diffusers_to_ldm, ldm_to_diffusers  # noqa: E402
 from vaeflow.models import AutoencoderKL, build_model  # noqa: E402
 
 TOL = 1e-5
@@ -154,7 +154,7 @@ def test_train_mode_gradients_match():
     assert (r1 - r2).abs().max() < TOL
     r1.square().mean().backward()
     r2.square().mean().backward()
-    from vaeflow.interop.state_dict_adapter import ldm_to_diffusers
+    from vaeflow.models.diffusers_keys import ldm_to_diffusers
     g1 = ldm_to_diffusers({n: p.grad for n, p in ours.named_parameters()})
     g2 = {n: p.grad for n, p in dm.named_parameters()}
     assert g1.keys() == g2.keys()

@@ -8,12 +8,11 @@
 
 from .dataset import PreparedDataset
 from .errors import DataError
-from .prepare import DEFAULTS, check_prepared, load_manifest, prepare_dataset, resolve_data_cfg, split_records
+from .prepare import check_prepared, load_manifest, prepare_dataset, resolve_data_cfg, split_records
 from .sources import SOURCES
 
 __all__ = [
     "check_prepared",
-    "DEFAULTS",
     "DataError",
     "PreparedDataset",
     "SOURCES",

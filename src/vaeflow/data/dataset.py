@@ -9,8 +9,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from vaeflow.layout import SPLITS, split_file
+
 from .errors import DataError
-from .prepare import SPLITS, load_manifest
+from .prepare import load_manifest
 
 
 class PreparedDataset(Dataset):
@@ -50,7 +52,7 @@ class PreparedDataset(Dataset):
         self.binarize = binarize
         self.seed = int(seed)
         self.mmap = mmap
-        self.path = self.root / f"{split}.npy"
+        self.path = self.root / split_file(split)
         if not self.path.is_file():
             raise DataError(f"{self.path}: missing split file in prepared dataset {self.root}")
         self.scale = float(self.manifest.get("scale") or np.iinfo(np.dtype(self.manifest["dtype"])).max)

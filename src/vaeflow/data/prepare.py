@@ -1,4 +1,4 @@
-"""Raw data -> prepared arrays: config defaults, deterministic split, atomic write, manifest.
+"""Raw data -> prepared arrays: deterministic split, atomic write, manifest.
 
 Layout written to ``out_dir`` (see CONTRIBUTING.md, "Prepared data")::
 
@@ -12,7 +12,6 @@ once the new one is complete.
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import shutil
@@ -21,104 +20,36 @@ from pathlib import Path
 
 import numpy as np
 
+from vaeflow.layout import DATA_FILES, MANIFEST, SPLITS, split_file
+
 from .errors import DataError
-from .sources import SOURCES, get_source
+from .sources import get_source
+from .splitcheck import check_split_counts
 from .sources.base import Record
 
 MANIFEST_FORMAT = "vaeflow.prepared/1"
-SPLITS = ("train", "val", "test")
-PREPARED_FILES = {f"{s}.npy" for s in SPLITS} | {"manifest.json"}
+PREPARED_FILES = set(DATA_FILES)
 MAX_LISTED_SKIPS = 1000
 
-DEFAULTS: dict = {
-    "dataset": "digits",
-    "root": None,
-    "image_size": None,  # None: the dataset's native size
-    "channels": None,  # None: 1 for digits/mnist/ct, 3 for celeba/image_dir
-    "split": {"val": 0.1, "test": 0.1, "official": True},
-    "split_seed": 0,
-    "limit": None,
-    "skip_bad": False,
-    "binarize": "none",
-    "binarize_threshold": None,
-    "binarize_seed": None,  # None: split_seed
-    "dtype": "auto",  # auto: uint16 for ct, uint8 otherwise
-    "spatial_dims": 2,
-    "download": True,
-    "ct": {"format": "dicom", "hu_window": [-1000, 1000], "volume_depth": 16, "npy_values": "hu",
-           "group_by": "series"},
-}
-
-
-def _merge(defaults: dict, given: dict) -> dict:
-    out = copy.deepcopy(defaults)
-    for key, value in (given or {}).items():
-        if isinstance(out.get(key), dict) and isinstance(value, dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
 def resolve_data_cfg(data_cfg: dict | None) -> dict:
-    """Fill defaults into a ``data:`` config section and check values (DataError on nonsense)."""
-    cfg = _merge(DEFAULTS, dict(data_cfg or {}))
-    name = cfg["dataset"]
-    if isinstance(cfg["root"], os.PathLike):
+    """The ``data:`` section checked against the schema, with its defaults and the values
+    that depend on the dataset (channels, dtype, binarize_seed) filled in."""
+    from vaeflow.config import ConfigError, validate_section
+
+    cfg = dict(data_cfg or {})
+    if isinstance(cfg.get("root"), os.PathLike):
         cfg["root"] = os.fspath(cfg["root"])
-    if name not in SOURCES:
-        raise DataError(f"data.dataset '{name}' is unknown; choose one of {', '.join(SOURCES)}")
+    try:
+        cfg = validate_section("data", cfg)
+    except ConfigError as exc:
+        raise DataError(str(exc)) from None
     if cfg["channels"] is None:
-        cfg["channels"] = get_source(name).default_channels
-    if cfg["channels"] not in (1, 3):
-        raise DataError(f"data.channels must be 1 or 3, got {cfg['channels']!r}")
-    size = cfg["image_size"]
-    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
-        raise DataError(f"data.image_size must be a positive integer or null, got {size!r}")
-    split = cfg["split"]
-    for key in ("val", "test"):
-        v = split.get(key)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1:
-            raise DataError(f"data.split.{key} must be a fraction in [0, 1), got {v!r}")
-    if split["val"] + split["test"] >= 1:
-        raise DataError(f"data.split.val + data.split.test must be < 1, got {split['val']} + {split['test']}")
-    if isinstance(cfg["split_seed"], bool) or not isinstance(cfg["split_seed"], int):
-        raise DataError(f"data.split_seed must be an integer, got {cfg['split_seed']!r}")
-    limit = cfg["limit"]
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise DataError(f"data.limit must be a positive integer or null, got {limit!r}")
-    if cfg["binarize"] in (None, False):
-        cfg["binarize"] = "none"
-    if cfg["binarize"] not in ("none", "static", "dynamic"):
-        raise DataError(f"data.binarize must be none, static or dynamic, got {cfg['binarize']!r}")
-    thr = cfg["binarize_threshold"]
-    if thr is not None and (isinstance(thr, bool) or not isinstance(thr, (int, float)) or not 0 <= thr <= 1):
-        raise DataError(f"data.binarize_threshold must be in [0, 1] or null, got {thr!r}")
+        cfg["channels"] = get_source(cfg["dataset"]).default_channels
     if cfg["binarize_seed"] is None:
         cfg["binarize_seed"] = cfg["split_seed"]
     if cfg["dtype"] == "auto":
-        cfg["dtype"] = "uint16" if name == "ct" else "uint8"
-    if cfg["dtype"] not in ("uint8", "uint16"):
-        raise DataError(f"data.dtype must be auto, uint8 or uint16, got {cfg['dtype']!r}")
-    if cfg["spatial_dims"] not in (2, 3):
-        raise DataError(f"data.spatial_dims must be 2 or 3, got {cfg['spatial_dims']!r}")
-    if cfg["spatial_dims"] == 3 and name != "ct":
-        raise DataError(f"data.spatial_dims: 3 needs data.dataset: ct (volumes), not '{name}'")
-    ct = cfg["ct"]
-    if ct["format"] not in ("dicom", "npy"):
-        raise DataError(f"data.ct.format must be dicom or npy, got {ct['format']!r}")
-    win = ct["hu_window"]
-    if not (isinstance(win, (list, tuple)) and len(win) == 2 and all(isinstance(v, (int, float)) for v in win)
-            and win[0] < win[1]):
-        raise DataError(f"data.ct.hu_window must be [low, high] with low < high, got {win!r}")
-    ct["hu_window"] = [float(win[0]), float(win[1])]
-    depth = ct["volume_depth"]
-    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
-        raise DataError(f"data.ct.volume_depth must be a positive integer, got {depth!r}")
-    if ct["group_by"] not in ("series", "patient"):
-        raise DataError(f"data.ct.group_by must be series or patient, got {ct['group_by']!r}")
-    if ct["npy_values"] not in ("hu", "unit"):
-        raise DataError(f"data.ct.npy_values must be hu or unit, got {ct['npy_values']!r}")
+        cfg["dtype"] = "uint16" if cfg["dataset"] == "ct" else "uint8"
+    cfg["ct"]["hu_window"] = [float(v) for v in cfg["ct"]["hu_window"]]
     return cfg
 
 
@@ -232,6 +163,7 @@ def prepare_dataset(data_cfg: dict, out_dir: str | Path) -> dict:
     if not records:
         raise DataError(f"dataset '{cfg['dataset']}': no items to prepare")
     splits = split_records(records, cfg["split"]["val"], cfg["split"]["test"], cfg["split_seed"])
+    n_groups = len({r.group for r in records})  # an empty split is refused before the swap-in
 
     dtype = np.dtype(cfg["dtype"])
     scale = int(np.iinfo(dtype).max)
@@ -249,7 +181,7 @@ def prepare_dataset(data_cfg: dict, out_dir: str | Path) -> dict:
         groups: dict[str, int] = {}
         for split in SPLITS:
             recs = splits[split]
-            writer = writers[split] = _SplitWriter(tmp / f"{split}.npy", len(recs), dtype)
+            writer = writers[split] = _SplitWriter(tmp / split_file(split), len(recs), dtype)
             kept_groups = set()
             for rec, item in source.iter_items(recs):
                 if not isinstance(item, DataError) and item_shape is not None and item.shape != item_shape:
@@ -277,6 +209,7 @@ def prepare_dataset(data_cfg: dict, out_dir: str | Path) -> dict:
             raise DataError(f"dataset '{cfg['dataset']}': every item was bad ({n_skipped} skipped); nothing to prepare")
         shapes = {split: writers[split].close(item_shape) for split in SPLITS}
         counts = {split: shapes[split][0] for split in SPLITS}
+        check_split_counts(counts, n_groups, cfg, skipped=n_skipped)
 
         manifest = {
             "format": MANIFEST_FORMAT,
@@ -298,7 +231,7 @@ def prepare_dataset(data_cfg: dict, out_dir: str | Path) -> dict:
         }
         if hasattr(source, "manifest_extra"):
             manifest.update(source.manifest_extra())
-        with open(tmp / "manifest.json", "w") as fh:
+        with open(tmp / MANIFEST, "w") as fh:
             json.dump(manifest, fh, indent=2, sort_keys=True, default=str)
             fh.write("\n")
             fh.flush()
@@ -335,7 +268,7 @@ def _fmt_shape(shape: tuple) -> str:
 
 
 def load_manifest(root: str | Path) -> dict:
-    path = Path(root) / "manifest.json"
+    path = Path(root) / MANIFEST
     if not path.is_file():
         raise DataError(f"{root} is not a prepared dataset (no manifest.json); run the prepare stage first")
     try:
@@ -357,5 +290,5 @@ def check_prepared(data_cfg: dict, root: str | Path) -> dict:
     diff = sorted(k for k in set(wanted) | set(have) if wanted.get(k) != have.get(k))
     if diff:
         shown = ", ".join(f"{k}: {have.get(k)!r} (config wants {wanted.get(k)!r})" for k in diff[:3])
-        raise DataError(f"{Path(root) / 'manifest.json'} was prepared from another data: section ({shown}); run prepare again")
+        raise DataError(f"{Path(root) / MANIFEST} was prepared from another data: section ({shown}); run prepare again")
     return manifest

@@ -22,9 +22,7 @@ import torch
 
 from vaeflow.models.autoencoder_kl import AutoencoderKL
 from vaeflow.models.base import clean_state_dict, extract_state_dict
-
-from .state_dict_adapter import (diffusers_to_ldm, infer_kl_config, is_diffusers_layout,
-                                 ldm_to_diffusers)
+from vaeflow.models.diffusers_keys import diffusers_to_ldm, infer_kl_config, is_diffusers_layout, ldm_to_diffusers
 
 WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
                 "diffusion_pytorch_model.fp16.safetensors", "model.safetensors")

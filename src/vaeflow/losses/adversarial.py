@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vaeflow import collectives
 from vaeflow.losses.lecam import LeCAM
 
 
@@ -42,11 +43,17 @@ def adaptive_weight(nll: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.T
     losses cannot underflow to 0; the ratio is unchanged (the 1e-4 is scaled alike). A
     non-finite ratio (an fp16 overflow, which the GradScaler skips) gives weight 0, so
     the loss stays finite and the guard does not mistake the scaler's skip for a fault.
+    With several processes both gradients are averaged over the ranks first (one
+    all-reduce), so the weight is the one of the whole global batch, as in one process.
     """
     scale = scale or (lambda t: t)
     with torch.autocast(device_type=last_layer.device.type, enabled=False):
         nll_grad = torch.autograd.grad(scale(nll), last_layer, retain_graph=True)[0].float()
         g_grad = torch.autograd.grad(scale(g_loss), last_layer, retain_graph=True)[0].float()
+        if collectives.active():  # the global batch's weight, as in one process
+            both = torch.stack([nll_grad, g_grad])
+            collectives.all_reduce(both)
+            nll_grad, g_grad = both / collectives.world()
         eps = scale(torch.full((), 1e-4, device=g_grad.device))
         weight = nll_grad.norm() / (g_grad.norm() + eps)
         weight = torch.where(torch.isfinite(weight), weight, torch.zeros_like(weight))

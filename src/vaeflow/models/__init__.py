@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .autoencoder_kl import LATENT_SCALE, AutoencoderKL
-from .base import AEOutput, DiagonalGaussian
+from .base import AEOutput, Autoencoder, DiagonalGaussian
 from .discriminator import NLayerDiscriminator, build_discriminator
 
 # type name -> (module, class); modules are imported on first use
@@ -30,13 +30,8 @@ MODEL_REGISTRY: dict[str, tuple[str, str]] = {
     "cnn_vae": ("cnn_vae", "build_cnn_vae"),
 }
 
-_ALIASES = {"kl": "autoencoder_kl", "autoencoderkl": "autoencoder_kl", "vae_kl": "autoencoder_kl",
-            "vq": "vqvae", "vq_vae": "vqvae", "magvit2": "magvit", "cnn": "cnn_vae"}
-
-
 def get_model_class(type_name: str):
     key = str(type_name).lower().replace("-", "_")
-    key = _ALIASES.get(key, key)
     if key not in MODEL_REGISTRY:
         raise ValueError(f"unknown model type {type_name!r}; known: {sorted(MODEL_REGISTRY)}")
     mod, name = MODEL_REGISTRY[key]
@@ -83,6 +78,6 @@ def build_from_json(path):
     return build_model(load_config_file(path))
 
 
-__all__ = ["AEOutput", "AutoencoderKL", "DiagonalGaussian", "LATENT_SCALE", "MODEL_REGISTRY",
+__all__ = ["AEOutput", "Autoencoder", "AutoencoderKL", "DiagonalGaussian", "LATENT_SCALE", "MODEL_REGISTRY",
            "NLayerDiscriminator", "build_discriminator", "build_from_json", "build_model",
            "get_model_class", "load_config_file"]

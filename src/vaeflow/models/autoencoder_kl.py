@@ -14,31 +14,13 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .base import AEOutput, DiagonalGaussian, load_weights, set_memory_format
-from .blocks import Decoder, Encoder, conv_nd, default_norm_groups
+from .base import AEOutput, Autoencoder, DiagonalGaussian, load_weights, set_memory_format
+from .blocks import Decoder, Encoder, conv_nd, default_norm_groups, resolve_channels, spatial_size
 
 LATENT_SCALE = 0.18215
 
 
-def _resolve_channels(base_ch: int, ch_mult: Sequence[int], down_channels: Sequence[int] | None):
-    """Stage widths and stem width. Explicit `down_channels` win (stem = down_channels[0], as in
-    diffusers' `block_out_channels`); otherwise widths are base_ch * mult and the stem is base_ch."""
-    if down_channels:
-        chans = [int(c) for c in down_channels]
-        return chans, chans[0]
-    return [int(base_ch * m) for m in ch_mult], int(base_ch)
-
-
-def _spatial(resolution, dims: int) -> tuple[int, ...]:
-    if isinstance(resolution, int):
-        return (resolution,) * dims
-    res = tuple(int(r) for r in resolution)
-    if len(res) != dims:
-        raise ValueError(f"resolution {resolution} does not have {dims} entries")
-    return res
-
-
-class AutoencoderKL(nn.Module):
+class AutoencoderKL(Autoencoder):
     """KL-regularised autoencoder (SD VAE).
 
     Args:
@@ -66,7 +48,6 @@ class AutoencoderKL(nn.Module):
     """
 
     LATENT_SCALE = LATENT_SCALE
-    input_range = "signed"
 
     def __init__(self, *, in_channels: int = 3, out_channels: int | None = None,
                  resolution: int | Sequence[int] = 256, base_ch: int = 128,
@@ -85,14 +66,14 @@ class AutoencoderKL(nn.Module):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
         out_channels = in_channels if out_channels is None else out_channels
         z_channels = embed_dim if z_channels is None else z_channels
-        channels, stem = _resolve_channels(base_ch, ch_mult, down_channels)
+        channels, stem = resolve_channels(base_ch, ch_mult, down_channels)
         if norm_groups is None:
             norm_groups = default_norm_groups([stem, *channels])
         for c in (stem, *channels):
             if c % norm_groups:
                 raise ValueError(f"norm_groups={norm_groups} does not divide width {c}")
         self.spatial_dims = spatial_dims
-        self.resolution = _spatial(resolution, spatial_dims)
+        self.resolution = spatial_size(resolution, spatial_dims)
         self.embed_dim = embed_dim
         self.z_channels = z_channels
         self.double_z = double_z
@@ -174,19 +155,10 @@ class AutoencoderKL(nn.Module):
     def encode_latent(self, x: torch.Tensor) -> torch.Tensor:
         return self.encode(x).mode()
 
-    def decode_latent(self, z: torch.Tensor) -> torch.Tensor:
-        return self.decode(z)
-
     @property
     def latent_shape(self) -> tuple[int, ...]:
         f = 2 ** (len(self.channels) - 1)
         return (self.embed_dim, *(r // f for r in self.resolution))
-
-    def sample_prior(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        p = self.post_quant_conv.weight if hasattr(self.post_quant_conv, "weight") \
-            else self.decoder.conv_in.weight
-        return torch.randn((n, *self.latent_shape), generator=generator, device=p.device,
-                           dtype=p.dtype)
 
     def parts(self) -> dict[str, list[nn.Module]]:
         return {"encoder": [self.encoder, self.quant_conv],
@@ -200,6 +172,6 @@ class AutoencoderKL(nn.Module):
 def _maybe_from_diffusers_keys(sd):
     """Accept a diffusers-layout state dict in `ckpt_path` too."""
     if any(k.startswith(("encoder.down_blocks.", "decoder.up_blocks.")) for k in sd):
-        from vaeflow.interop.state_dict_adapter import diffusers_to_ldm
+        from .diffusers_keys import diffusers_to_ldm
         return diffusers_to_ldm(sd)
     return sd

@@ -1,4 +1,5 @@
-"""Shared model types: the `AEOutput` every autoencoder returns and the `DiagonalGaussian` posterior.
+"""Shared model types: the `Autoencoder` contract every model family implements, the
+`AEOutput` its `ae_forward` returns and the `DiagonalGaussian` posterior.
 
 `DiagonalGaussian` follows LDM's `DiagonalGaussianDistribution` (logvar clamped to [-30, 20],
 KL and NLL summed over every non-batch dimension) so that latent shapes [B, C, H, W],
@@ -92,6 +93,48 @@ class AEOutput:
     posterior: DiagonalGaussian | None = None
     reg_loss: torch.Tensor | None = None
     stats: dict[str, float] = field(default_factory=dict)
+
+
+class Autoencoder(torch.nn.Module):
+    """What the trainer, evaluation and sampling use of a model, and nothing else.
+
+    A family subclasses this and implements `ae_forward`, `latent_shape`, `parts`,
+    `last_layer_weight`, and `encode`/`decode` (or overrides `encode_latent`/`decode_latent`).
+    """
+
+    input_range: str = "signed"  # "signed": the trainer feeds [-1, 1]; "unit": [0, 1] (BCE models)
+
+    def ae_forward(self, x: torch.Tensor, sample_posterior: bool = True) -> AEOutput:
+        """recon, posterior (KL models) or None (VQ), reg_loss (VQ) or None, float stats."""
+        raise NotImplementedError
+
+    def encode_latent(self, x: torch.Tensor) -> torch.Tensor:
+        """The deterministic latent: by default the first item `encode(x)` returns (the
+        posterior mean, or the quantized code of taming-style VQ models)."""
+        return self.encode(x)[0]
+
+    def decode_latent(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decode(z)
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        """One sample's latent shape."""
+        raise NotImplementedError
+
+    def sample_prior(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """n latents from the prior; by default N(0, I) over `latent_shape`."""
+        p = next(self.parameters())
+        # drawn on the generator's device, then moved: a CPU generator works on every device
+        where = generator.device if generator is not None else p.device
+        return torch.randn((n, *self.latent_shape), generator=generator, device=where, dtype=p.dtype).to(p.device)
+
+    def parts(self) -> dict[str, list[torch.nn.Module]]:
+        """{"encoder": [...], "decoder": [...], "quantizer": [...]}: what a stage may freeze."""
+        raise NotImplementedError
+
+    def last_layer_weight(self) -> torch.Tensor:
+        """The decoder's final conv weight (the adaptive GAN weight's gradient ratio)."""
+        raise NotImplementedError
 
 
 # ---------------------------------------------------------------------------------------------

@@ -170,8 +170,22 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
-def _res_at(resolution, level: int):
-    return resolution // (2 ** level)
+def resolve_channels(base_ch: int, ch_mult: Sequence[int], down_channels: Sequence[int] | None):
+    """Stage widths and stem width. Explicit `down_channels` win (stem = down_channels[0], as in
+    diffusers' `block_out_channels`); otherwise widths are base_ch * mult and the stem is base_ch."""
+    if down_channels:
+        chans = [int(c) for c in down_channels]
+        return chans, chans[0]
+    return [int(base_ch * m) for m in ch_mult], int(base_ch)
+
+
+def spatial_size(resolution, dims: int) -> tuple[int, ...]:
+    if isinstance(resolution, int):
+        return (resolution,) * dims
+    res = tuple(int(r) for r in resolution)
+    if len(res) != dims:
+        raise ValueError(f"resolution {resolution} does not have {dims} entries")
+    return res
 
 
 class Encoder(nn.Module):

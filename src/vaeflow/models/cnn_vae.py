@@ -1,6 +1,6 @@
-"""Small CNN VAEs with a flat latent vector (seeds 002 and 004).
+"""Small CNN VAEs with a flat latent vector (MNIST and CelebA presets).
 
-`VAEBase` is seed 004's interface: subclasses implement `encode(x) -> (mu, logvar)` and
+`VAEBase` is the classic VAE interface: subclasses implement `encode(x) -> (mu, logvar)` and
 `decode(z)`; the base adds `reparameterize`, `forward -> (recon, mu, logvar)`, `compute_loss`
 (recon + beta * KL, summed over pixels / latent dims, averaged over the batch), `sample(n)`,
 `reconstruct(x)`, and vaeflow's autoencoder contract (`ae_forward`, `encode_latent`, ...).
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import AEOutput, DiagonalGaussian, load_weights
+from .base import AEOutput, Autoencoder, DiagonalGaussian, load_weights
 
 
 class VAELoss(NamedTuple):
@@ -31,11 +31,10 @@ class VAELoss(NamedTuple):
     kl: torch.Tensor
 
 
-class VAEBase(nn.Module):
-    """Seed 004's VAE base class. Subclasses set `latent_dim` and implement encode/decode."""
+class VAEBase(Autoencoder):
+    """A VAE with a flat latent. Subclasses set `latent_dim` and implement encode/decode."""
 
     latent_dim: int
-    input_range = "signed"
 
     def __init__(self, beta: float = 1.0, recon_loss: str = "mse"):
         super().__init__()
@@ -93,19 +92,9 @@ class VAEBase(nn.Module):
         z = posterior.sample() if sample_posterior else posterior.mode()
         return AEOutput(recon=self.decode(z), posterior=posterior, reg_loss=None, stats={})
 
-    def encode_latent(self, x: torch.Tensor) -> torch.Tensor:
-        return self.encode(x)[0]
-
-    def decode_latent(self, z: torch.Tensor) -> torch.Tensor:
-        return self.decode(z)
-
     @property
     def latent_shape(self) -> tuple[int, ...]:
         return (self.latent_dim,)
-
-    def sample_prior(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        device, dtype = self._device_dtype()
-        return torch.randn((n, self.latent_dim), generator=generator, device=device, dtype=dtype)
 
 
 def _act(slope: float) -> nn.Module:
@@ -241,14 +230,14 @@ class CNNVAE(VAEBase):
 
 
 class MnistVAE(CNNVAE):
-    """Seed 002/004 MNIST VAE: sigmoid output, BCE, inputs in [0, 1]."""
+    """The MNIST VAE: sigmoid output, BCE, inputs in [0, 1]."""
 
     def __init__(self, **overrides):
         super().__init__(**{**PRESETS["mnist"], **overrides})
 
 
 class CelebaVAE(CNNVAE):
-    """Seed 004 CelebA VAE: AdaptiveAvgPool to 4x4 + FC, tanh output, inputs in [-1, 1]."""
+    """The CelebA VAE: AdaptiveAvgPool to 4x4 + FC, tanh output, inputs in [-1, 1]."""
 
     def __init__(self, **overrides):
         super().__init__(**{**PRESETS["celeba"], **overrides})
@@ -256,13 +245,21 @@ class CelebaVAE(CNNVAE):
 
 _CNN_KEYS = {"in_channels", "out_channels", "image_size", "hidden_dims", "latent_dim",
              "kernel_size", "pool_size", "batchnorm", "leaky_slope", "output_activation",
-             "recon_loss", "beta", "input_range", "ckpt_path"}
+             "input_range", "ckpt_path"}
+# CNNVAE options the trainer does not read (it trains with the stage's losses): where to set them.
+_STAGE_KEYS = {"beta": "kl_beta", "recon_loss": "recon_type"}
 
 
 def build_cnn_vae(preset: str = "mnist", **overrides) -> CNNVAE:
     """`type: cnn_vae` builder: `preset` (mnist | celeba) plus any CNNVAE keyword overrides."""
+    from vaeflow.config import ConfigError
+
     if preset not in PRESETS:
         raise ValueError(f"unknown cnn_vae preset {preset!r}; known: {sorted(PRESETS)}")
+    for key, stage_key in _STAGE_KEYS.items():
+        if key in overrides:
+            raise ConfigError(f"model.{key}", f"the trainer does not read it; set training.pipeline.defaults."
+                              f"{stage_key} (or {stage_key} in a step) instead")
     unknown = sorted(set(overrides) - _CNN_KEYS)
     if unknown:
         raise ValueError(f"unknown model option(s) {unknown} for cnn_vae; valid: "

@@ -15,9 +15,10 @@ import math
 from typing import Sequence
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+from vaeflow import collectives
 
 
 def _flatten(z: torch.Tensor) -> torch.Tensor:
@@ -30,14 +31,15 @@ def _unflatten(flat: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return flat.reshape(shape).movedim(-1, 1)
 
 
-def _dist_ready() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+def code_stats(indices: torch.Tensor, codebook_size: int, pooled: bool = False) -> dict[str, float]:
+    """Perplexity and usage of the codes in `indices`; `pooled`: over every rank's batch.
 
-
-def code_stats(indices: torch.Tensor, codebook_size: int) -> dict[str, float]:
+    Quantizers pool only in training mode, which every rank runs in step; in eval mode
+    (validation, rank 0's sample grids) the statistics are this rank's own.
+    """
     counts = torch.bincount(indices.reshape(-1), minlength=codebook_size).float()
-    if _dist_ready():
-        dist.all_reduce(counts)
+    if pooled:
+        collectives.all_reduce(counts)
     p = counts / counts.sum().clamp_min(1)
     perplexity = torch.exp(-(p * torch.log(p.clamp_min(1e-10))).sum())
     usage = (counts > 0).float().mean()
@@ -97,7 +99,7 @@ class VectorQuantizer(nn.Module):
         zq = z + (zq - z).detach()  # straight-through
         indices = idx.view(z.shape[0], *z.shape[2:])
         info = {"indices": indices, "commitment": float(commit.detach()),
-                **code_stats(idx, self.codebook_size)}
+                **code_stats(idx, self.codebook_size, pooled=self.training)}
         return zq, loss, info
 
     @torch.no_grad()
@@ -105,9 +107,8 @@ class VectorQuantizer(nn.Module):
         onehot = F.one_hot(idx, self.codebook_size).type_as(flat)
         counts = onehot.sum(0)
         sums = onehot.t() @ flat
-        if _dist_ready():
-            dist.all_reduce(counts)
-            dist.all_reduce(sums)
+        collectives.all_reduce(counts)  # every rank's batch: the single-process update
+        collectives.all_reduce(sums)
         self.cluster_size.mul_(self.decay).add_(counts, alpha=1 - self.decay)
         self.embed_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
         n = self.cluster_size.sum()
@@ -118,15 +119,17 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def _restart_dead(self, flat: torch.Tensor) -> None:
-        dead = self.cluster_size < self.dead_code_threshold
+        dead = self.cluster_size < self.dead_code_threshold  # the same on every rank
         if not bool(dead.any()):
             return
+        # Candidates from the global batch (ranks hold contiguous slices, so the gathered
+        # rows are the single-process batch), drawn by rank 0 and sent to every rank.
+        flat = collectives.all_gather_cat(flat)
         pick = torch.randint(0, flat.shape[0], (self.codebook_size,), device=flat.device)
         cand = flat[pick]
         if flat.shape[0] < self.codebook_size:  # few vectors: jitter the repeats apart
             cand = cand + 0.01 * cand.std() * torch.randn_like(cand)
-        if _dist_ready():
-            dist.broadcast(cand, src=0)
+        collectives.broadcast(cand, src=0)
         w = self.embed
         w.copy_(torch.where(dead[:, None], cand.to(w.dtype), w))
         self.cluster_size.copy_(torch.where(dead, torch.full_like(self.cluster_size,
@@ -183,19 +186,11 @@ class LFQ(nn.Module):
             logits = 2 * self.inv_temperature * flat @ self.codebook.t()
             prob = logits.softmax(-1)
             per_sample = self._h(prob).mean()
-            avg = prob.mean(0)
-            if _dist_ready():
-                dist.all_reduce(avg)
-                avg = avg / dist.get_world_size()
-            return per_sample, self._h(avg)
+            return per_sample, self._h(collectives.mean_differentiable(prob.mean(0)))
         p1 = torch.sigmoid(4 * self.inv_temperature * self.scale * flat)  # P(bit = +1)
         pb = torch.stack([p1, 1 - p1], -1)
         per_sample = self._h(pb).sum(-1).mean()
-        avg = pb.mean(0)
-        if _dist_ready():
-            dist.all_reduce(avg)
-            avg = avg / dist.get_world_size()
-        return per_sample, self._h(avg).sum()
+        return per_sample, self._h(collectives.mean_differentiable(pb.mean(0))).sum()
 
     def forward(self, z: torch.Tensor):
         if z.shape[1] != self.code_dim:
@@ -214,7 +209,7 @@ class LFQ(nn.Module):
         zq = _unflatten(q, z).to(z.dtype)
         zq = z + (zq - z).detach()
         info = {"indices": idx.view(z.shape[0], *z.shape[2:]), **stats,
-                **code_stats(idx, self.codebook_size)}
+                **code_stats(idx, self.codebook_size, pooled=self.training)}
         return zq, loss, info
 
 
@@ -261,5 +256,6 @@ class FSQ(nn.Module):
         digits = (torch.round(b) + half).long()
         idx = (digits * self._basis).sum(-1)
         zq = _unflatten(q, z).to(z.dtype)
-        info = {"indices": idx.view(z.shape[0], *z.shape[2:]), **code_stats(idx, self.codebook_size)}
+        info = {"indices": idx.view(z.shape[0], *z.shape[2:]),
+                **code_stats(idx, self.codebook_size, pooled=self.training)}
         return zq, z.new_zeros((), dtype=torch.float32), info

@@ -15,16 +15,14 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .autoencoder_kl import _resolve_channels, _spatial
-from .base import AEOutput, load_weights, set_memory_format
-from .blocks import Decoder, Encoder, conv_nd, default_norm_groups
+from .base import AEOutput, Autoencoder, load_weights, set_memory_format
+from .blocks import Decoder, Encoder, conv_nd, default_norm_groups, resolve_channels, spatial_size
 from .quantizers import VectorQuantizer
 
 
-class VQVAE(nn.Module):
+class VQVAE(Autoencoder):
     """Vector-quantised autoencoder (2D or 3D)."""
 
-    input_range = "signed"
     causal_default = False
 
     def __init__(self, *, in_channels: int = 3, out_channels: int | None = None,
@@ -48,12 +46,12 @@ class VQVAE(nn.Module):
                                              **quantizer_kwargs)
         embed_dim = self.quantize.code_dim
         z_channels = embed_dim if z_channels is None else z_channels
-        channels, stem = _resolve_channels(base_ch, ch_mult, down_channels)
+        channels, stem = resolve_channels(base_ch, ch_mult, down_channels)
         if norm_groups is None:
             norm_groups = default_norm_groups([stem, *channels])
         self.spatial_dims = spatial_dims
         self.causal = causal
-        self.resolution = _spatial(resolution, spatial_dims)
+        self.resolution = spatial_size(resolution, spatial_dims)
         self.channels = tuple(channels)
         self.embed_dim = embed_dim
         common = dict(channels=channels, num_res_blocks=num_res_blocks, z_channels=z_channels,
@@ -105,12 +103,6 @@ class VQVAE(nn.Module):
         recon, loss, info = self(x)
         stats = {k: v for k, v in info.items() if isinstance(v, float)}
         return AEOutput(recon=recon, posterior=None, reg_loss=loss, stats=stats)
-
-    def encode_latent(self, x: torch.Tensor) -> torch.Tensor:
-        return self.encode(x)[0]
-
-    def decode_latent(self, z: torch.Tensor) -> torch.Tensor:
-        return self.decode(z)
 
     @property
     def latent_shape(self) -> tuple[int, ...]:

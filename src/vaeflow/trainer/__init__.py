@@ -1,12 +1,12 @@
 """The staged trainer. `run_stage` trains one stage; `train` runs them all (library API)."""
 
-from vaeflow.trainer.stage import StageTrainer, prior_artifact, run_stage
+from vaeflow.trainer.stage import StageTrainer, run_stage
 
-__all__ = ["StageTrainer", "prior_artifact", "run_stage", "train"]
+__all__ = ["StageTrainer", "run_stage", "train"]
 
 
 def train(train_ds, config_path, val_ds, results_dir="results") -> list[dict]:
-    """Run every configured stage on any torch Dataset, in order (seed 000's API).
+    """Run every configured stage on any torch Dataset, in order (the library API).
 
     Items may be tensors or (tensor, label) pairs with values in [0, 1]; images of
     another size are resized to data.image_size. Checkpoints land under results_dir.

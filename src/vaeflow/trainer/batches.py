@@ -41,7 +41,7 @@ class BatchFetcher:
         return len(self.dataset)
 
     def _resize(self, x: torch.Tensor) -> torch.Tensor:
-        # Library users may hand in images of another size; resize like seed 000 did.
+        # Library users may hand in images of another size: resize them to data.image_size.
         spatial = tuple(x.shape[2:])
         target = spatial[:-2] + (self.size, self.size)  # in-plane only: volume depth is kept
         if self.size is None or spatial == target:

@@ -48,14 +48,10 @@ def build_devices(tcfg: dict, step: dict, dist, console) -> Devices:
     if dist.enabled and device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
         torch.cuda.set_device(device)
-    amp_dtype = None
-    if step["use_amp"]:
-        if device.type == "cuda":
-            amp_dtype = torch.bfloat16 if step["amp_dtype"] == "bf16" else torch.float16
-        else:
-            console.line(f"use_amp: AMP is off on {device.type}; training in fp32")
+    dist.set_device(device)  # collective tensors live on the training device
+    # amp_dtype is set once the model exists (vaeflow.trainer.precision sizes it for use_amp: auto)
     return Devices(device, resolve_device(tcfg.get("disc_device"), device),
-                   resolve_device(tcfg.get("perceptual_device"), device), amp_dtype)
+                   resolve_device(tcfg.get("perceptual_device"), device), None)
 
 
 # ----------------------------------------------------------------------------- models

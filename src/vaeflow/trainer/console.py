@@ -71,24 +71,17 @@ class Meter:
         return {k: float(v) / max(1, self.count) for k, v in self.sums.items()}
 
 
-def train_line(stage: str, index: int, n_stages: int, epoch: int, max_epochs: int, batch: int, n_batches: int,
-               values: dict, step: dict, batch_time: float, imgs_per_s: float) -> str:
-    """One training log line: the losses this stage trains, then speed."""
-    parts = [
-        f"Step {stage} ({index + 1}/{n_stages})",
-        f"Epoch {epoch + 1}/{max_epochs}",
-        f"Batch {batch}/{n_batches}",
-        f"VAE: {values.get('vae_loss', 0.0):.4f}",
-    ]
-    if "kl_loss" in values:
-        parts.append(f"KL: {values['kl_loss']:.2f}")
-    if "vq_loss" in values:
-        parts.append(f"VQ: {values['vq_loss']:.4f}")
-    if step["gan_training"]:  # each once it trains (disc_start, gan_start)
-        parts += [f"{k}: {values[n]:.3f}" for k, n in (("G", "g_loss"), ("D", "d_loss")) if n in values]
-    if "adv_weight" in values:
-        parts.append(f"w_adv: {values['adv_weight']:.3g}")
-    if step["use_lpips"]:
-        parts.append(f"LPIPS: {values.get('lpips_loss', 0.0):.4f}")
-    parts += [f"{batch_time:.2f}s/batch", f"{imgs_per_s:.0f} img/s"]
-    return " | ".join(parts)
+# How the log line shows a logged metric (metrics not listed here stay in metrics.jsonl only).
+SHOWN = {"vae_loss": ("VAE", ".4f"), "kl_loss": ("KL", ".2f"), "vq_loss": ("VQ", ".4f"), "g_loss": ("G", ".3f"),
+         "d_loss": ("D", ".3f"), "lpips_loss": ("LPIPS", ".4f")}
+
+
+def train_line(where: str, values: dict, metrics: list[str], batch_time: float, imgs_per_s: float) -> str:
+    """One training log line: position, the stage's logged losses (`config.logged_metrics`), speed.
+    """
+    # The GAN terms appear once they train (disc_start for D, gan_start for G).
+    shown = [f"{SHOWN[m][0]}: {values.get(m, 0.0):{SHOWN[m][1]}}" for m in metrics
+             if m in SHOWN and (m in values or m not in ("g_loss", "d_loss"))]
+    if "adv_weight" in values:  # the adaptive GAN weight, clamped to max_adaptive_weight
+        shown.append(f"w_adv: {values['adv_weight']:.3g}")
+    return " | ".join([where, *shown, f"{batch_time:.2f}s/batch", f"{imgs_per_s:.0f} img/s"])

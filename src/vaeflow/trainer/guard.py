@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
+from vaeflow import collectives
+
 
 class NonFiniteError(RuntimeError):
     """The stage kept producing non-finite steps after every allowed rollback."""
@@ -85,8 +87,8 @@ class StepGuard:
             grads_ok = _all_finite([p.grad for p in params], device)
         bad = torch.stack([~loss_ok.to(device), ~grads_ok]).to(torch.float32)
         if dist is not None and dist.enabled:
-            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
-        bad_loss, bad_grads = bad.tolist()  # the one sync per step
+            collectives.all_reduce(bad)  # summed: non-zero when any rank saw a non-finite value
+        bad_loss, bad_grads = (bad > 0).tolist()  # the one sync per step
         if bad_loss:
             return "loss"
         return "gradients" if bad_grads else None

@@ -1,4 +1,4 @@
-"""Optimizers and schedulers from a stage's `optimization` section (seed 003 names)."""
+"""Optimizers and schedulers from a stage's `optimization` section (torch class names)."""
 
 from __future__ import annotations
 

@@ -1,10 +1,8 @@
-"""A stage's files under the results directory, and how a run resumes and publishes them.
+"""How a stage writes, resumes and publishes its files (names: vaeflow.layout).
 
-  s/best.pt, s/last.pt, s/metrics.jsonl   published only when the stage completes
-  s/running/                              work in progress: resume state (last.pt,
-                                          best.pt, metrics.jsonl); undeclared to both
-                                          runners, so neither deletes it after a kill
-  s/samples/recon|gen/                    fixed-sample grids, one per epoch
+Work in progress lives in <stage>/running/ (last.pt, best.pt, metrics.jsonl): undeclared
+to both runners, so neither deletes it after a kill. When the stage completes, the files
+are published to <stage>/.
 """
 
 from __future__ import annotations
@@ -16,33 +14,28 @@ from datetime import datetime
 from pathlib import Path
 
 from vaeflow import checkpoint as ckpt
+from vaeflow.layout import METRICS_LOG, TRAIN_FILES, StageLayout
 from vaeflow.trainer.state import TrainState
-
-PUBLISHED = ("metrics.jsonl", "last.pt", "best.pt")
 
 
 class RunDir:
     """results/<stage>/; only rank 0 writes."""
 
-    def __init__(self, root: str | Path, dist, console):
-        self.root = Path(root)
-        self.running = self.root / "running"
-        self.samples = self.root / "samples"
+    def __init__(self, layout: StageLayout, dist, console):
+        self.layout, self.running = layout, layout.running
         self.dist, self.console = dist, console
         self.session_id = datetime.now().strftime("%Y%m%d_%H%M%S")
 
-    def final(self, name: str) -> Path:
-        return self.root / name
-
     def work(self, name: str) -> Path:
-        return self.running / name
+        return self.layout.work(name)
 
     def save(self, name: str, state: dict) -> None:
         if self.dist.main:
-            ckpt.save(state, self.work(name))
+            with self.dist.rank_local("rank 0's checkpoint writing"):
+                ckpt.save(state, self.work(name))
 
     def metrics_size(self) -> int:
-        p = self.work("metrics.jsonl")
+        p = self.work(METRICS_LOG)
         return p.stat().st_size if p.exists() else 0
 
     def write_metrics(self, record: dict) -> dict | None:
@@ -51,7 +44,7 @@ class RunDir:
             return None
         self.running.mkdir(parents=True, exist_ok=True)
         record = {"timestamp": datetime.now().isoformat(), "session_id": self.session_id, **record}
-        with open(self.work("metrics.jsonl"), "a") as f:
+        with open(self.work(METRICS_LOG), "a") as f:
             f.write(json.dumps(record) + "\n")
         return record
 
@@ -85,7 +78,7 @@ class RunDir:
         """Drop metric lines written after a checkpoint: they will be written again. The
         records in `keep` (a rollback's events) are written back after the cut."""
         if self.dist.main:
-            with open(self.work("metrics.jsonl"), "a+b") as f:
+            with open(self.work(METRICS_LOG), "a+b") as f:
                 f.truncate(size)
                 f.writelines(json.dumps(record).encode() + b"\n" for record in keep)
 
@@ -102,9 +95,9 @@ class RunDir:
         self.dist.barrier()
         if not self.dist.main:
             return
-        for name in PUBLISHED:
-            tmp = self.root / f".{name}.publish"
+        for name in reversed(TRAIN_FILES):  # best.pt last: it is what the next stage waits for
+            tmp = self.layout.dir / f".{name}.publish"
             tmp.unlink(missing_ok=True)
             os.link(self.work(name), tmp)
-            os.replace(tmp, self.final(name))
+            os.replace(tmp, self.layout.dir / name)
         shutil.rmtree(self.running)

@@ -8,12 +8,13 @@ The files a stage writes and how it resumes: trainer/rundir.py.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import torch
 
 from vaeflow import checkpoint as ckpt
-from vaeflow.config import fingerprint, resolve_steps, stage_index, stage_names, stage_view
+from vaeflow.config import (fingerprint, logged_metrics, model_family, resolve_steps, stage_index, stage_names,
+                            stage_view)
+from vaeflow.layout import Layout
 from vaeflow.metrics import to_model_range
 from vaeflow.trainer import faults, recovery, rng
 from vaeflow.trainer import state as train_state
@@ -23,16 +24,11 @@ from vaeflow.trainer.console import Console, Meter, train_line
 from vaeflow.trainer.distributed import Dist, init_from_env
 from vaeflow.trainer.guard import Policy, StepGuard, all_finite
 from vaeflow.trainer.objective import Objective
+from vaeflow.trainer.precision import choose_precision
 from vaeflow.trainer.rundir import RunDir
 from vaeflow.trainer.state import StageId, TrainState
 from vaeflow.trainer.step import TrainStep
 from vaeflow.trainer.validation import N_FIXED_SAMPLES, prior_noise, save_grids, validate
-
-
-def prior_artifact(config: dict, stage: str, results_dir: str | Path) -> Path | None:
-    """The checkpoint a stage starts from: the previous stage's best.pt."""
-    i = stage_index(config, stage)
-    return None if i == 0 else Path(results_dir) / stage_names(config)[i - 1] / "best.pt"
 
 
 class StageTrainer:
@@ -55,8 +51,13 @@ class StageTrainer:
         if len(self.train_data) == 0 or len(self.val_data) == 0:
             raise ValueError(f"stage {stage}: the train and validation splits must not be empty")
 
-        init_path = prior_artifact(config, stage, results_dir)
+        layout = Layout(results_dir)
+        init_path = layout.prior_checkpoint(stage_names(config), stage)
         self.models = build_models(config, stage, s, self.devices, init_path, first_image(train_ds), self.console)
+        self.precision = choose_precision(s["use_amp"], s["amp_dtype"], self.devices.main, self.models.model,
+                                          self.train_data.fetch(torch.arange(1)).to(self.devices.main))
+        self.console.line(self.precision.describe())
+        self.devices.amp_dtype = self.precision.dtype
         losses = build_losses(s, self.models.model, self.devices.perc, self.console, self.models.lecam)
         self.opts = build_optimizers(stage, s, self.models, self.devices)
         self.objective = Objective(s, losses, self.devices, len(self.train_data))
@@ -70,11 +71,12 @@ class StageTrainer:
         self.batch_size = self.tcfg["batch_size"]
         self.n_batches = batches_per_epoch(len(self.train_data), self.batch_size, s["max_steps"])
         self.max_epochs = max_epochs(s)
+        self.logged = logged_metrics(s, model_family(config["model"]["type"]))
         self.state = TrainState()
         self.id = StageId(config, stage, self.index, self.n_stages, fingerprint(
             {"view": stage_view(config, stage), "init": ckpt.file_digest(init_path) if init_path else None}
         ))
-        self.files = RunDir(Path(results_dir) / stage, self.dist, self.console)
+        self.files = RunDir(layout.stage(stage), self.dist, self.console)
         self.fixed_val = self.val_data.fetch(torch.arange(min(N_FIXED_SAMPLES, len(self.val_data))))
         self.fixed_noise = prior_noise(self.models.model, N_FIXED_SAMPLES, self.seed)
         self._sync_ranks()
@@ -107,7 +109,8 @@ class StageTrainer:
             t_log, imgs_log, rolled_back = time.perf_counter(), 0, False
             for x in self.train_data.iterate(order, self.batch_size, st.batch, self.n_batches, dist.shard):
                 x = to_model_range(x, models.model).to(self.devices.main, non_blocking=True)
-                values = self.train_step(x, st)  # forward + backward; the step comes at the window's end
+                closes = (st.batch + 1) % self.train_step.accum == 0 or st.batch + 1 == self.n_batches
+                values = self.train_step(x, st, closes)  # forward + backward; the step comes at the window's end
                 st.batch += 1
                 imgs_log, images_seen = imgs_log + x.shape[0], images_seen + x.shape[0]
                 window.add(values)
@@ -154,7 +157,8 @@ class StageTrainer:
                 sch.step()
         if self.tcfg["sample_every_epoch"] and self.dist.main:
             tag = f"{self.stage}_{self.index + 1:03d}_{st.epoch + 1:03d}_{self.id.fingerprint[:6]}"
-            save_grids(self.models.eval_model(), self.fixed_val, self.fixed_noise, self.devices.main, self.files.samples, tag)
+            with self.dist.rank_local("rank 0's sample grids"):  # a collective in here is an error, not a hang
+                save_grids(self.models.eval_model(), self.fixed_val, self.fixed_noise, self.devices.main, self.files.layout, tag)
         improved = val["val_loss"] < st.best_val
         if improved:
             st.best_val = val["val_loss"]
@@ -199,11 +203,13 @@ class StageTrainer:
 
     def _resume(self) -> None:
         saved = self.files.resume_state(self.id.fingerprint)
+        st = self.state if saved is None else train_state.restore(saved, self.models, self.opts, self.dist)
+        self.dist.check_agree("the resume point (epoch, batch, step)", (st.epoch, st.batch, st.global_step))
         if saved is None:
             if self.guard.policy.max_rollbacks > 0:
                 self._save_last()  # the first rollback target
             return
-        self.state = train_state.restore(saved, self.models, self.opts, self.dist)
+        self.state = st
         self.files.truncate_metrics(self.state.metrics_offset)
         self.console.line(
             f"Resuming from checkpoint: step={self.index + 1} ({self.stage}), epoch={self.state.epoch + 1}, batch={self.state.batch}"
@@ -211,8 +217,9 @@ class StageTrainer:
 
     def _log(self, values: dict, batch_time: float, imgs_per_s: float) -> None:
         st = self.state
-        self.console.line(train_line(self.stage, self.index, self.n_stages, st.epoch, self.max_epochs, st.batch,
-                                     self.n_batches, values, self.step, batch_time, imgs_per_s))
+        where = (f"Step {self.stage} ({self.index + 1}/{self.n_stages}) | Epoch {st.epoch + 1}/{self.max_epochs} | "
+                 f"Batch {st.batch}/{self.n_batches}")
+        self.console.line(train_line(where, values, self.logged["train"], batch_time, imgs_per_s))
         self._write_metrics("train", values)
 
     def _write_metrics(self, split: str, values: dict) -> None:
@@ -242,20 +249,20 @@ class StageTrainer:
 
 def run_stage(config: dict, stage: str, results_dir="results", train_ds=None, val_ds=None) -> dict:
     """Train one stage; datasets default to the prepared splits under results/data."""
-    distributed = init_from_env(config["training"]["distributed"]["backend"])
+    created = init_from_env(config["training"]["distributed"])  # False if the caller set one up
     try:
         if train_ds is None or val_ds is None:
             train_ds, val_ds = _prepared_splits(config, results_dir, train_ds, val_ds)
         return StageTrainer(config, stage, results_dir, train_ds, val_ds).run()
     finally:
-        if distributed:
+        if created:
             torch.distributed.destroy_process_group()
 
 
 def _prepared_splits(config: dict, results_dir, train_ds, val_ds):
     from vaeflow.data import PreparedDataset, check_prepared
 
-    data_dir = Path(results_dir) / "data"
+    data_dir = Layout(results_dir).data
     check_prepared(config["data"], data_dir)
     train_ds = train_ds or PreparedDataset(data_dir, "train", binarize=config["data"]["binarize"], seed=config["seed"])
     val_ds = val_ds or PreparedDataset(data_dir, "val", binarize="none", seed=config["seed"])

@@ -1,6 +1,6 @@
 """What a checkpoint holds: the weights and optimizer states, the RNG streams, and a
 `TrainState` with the stage's progress. Each fact is recorded once; `pipeline_metadata`
-is a read-only view of them for tools that read seed 003's checkpoints."""
+is a read-only view of them in the layout older pipeline tools read (never read back)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 
 from vaeflow import checkpoint as ckpt
+from vaeflow import provenance
 from vaeflow.trainer import rng
 from vaeflow.trainer.build import Models, Optimizers
 
@@ -50,6 +51,7 @@ def checkpoint(sid: StageId, state: TrainState, models: Models, opts: Optimizers
         "stage": sid.stage,
         "stage_index": sid.index,
         "fingerprint": sid.fingerprint,
+        "provenance": provenance.record(),  # code, commit, tool versions
         "model": models.model.state_dict(),
         "ema": ema.state_dict()["weights"] if ema is not None else None,
         "ema_state": {"num_updates": ema.num_updates} if ema is not None else None,

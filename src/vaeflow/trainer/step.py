@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from vaeflow import collectives
 from vaeflow.trainer.build import Models, Optimizers
 from vaeflow.trainer.console import Meter
 from vaeflow.trainer.faults import FaultPlan
@@ -22,13 +23,16 @@ class TrainStep:
         self.accum = step["grad_accum_steps"]
         self.on_cuda = objective.devices.main.type == "cuda"
         self._snapshots = (None, None)
+        # Gradient averaging over ranks, overlapped with backward (no-ops single-process).
+        self.reducers = {"vae": dist.reducer(self._vae_params()), "disc": dist.reducer(self._disc_params())}
 
-    def __call__(self, x: torch.Tensor, state: TrainState) -> dict:
+    def __call__(self, x: torch.Tensor, state: TrainState, closes_window: bool = True) -> dict:
         """Accumulate one batch's gradients; on CUDA out-of-memory, halve the micro-batches
-        (`training.allow_microbatching`) and start the batch over."""
+        (`training.allow_microbatching`) and start the batch over. `closes_window`: the
+        optimizer step follows this batch (its last backward starts the gradient all-reduce)."""
         while True:
             try:
-                return self._chunks(x, state)
+                return self._chunks(x, state, closes_window)
             except torch.cuda.OutOfMemoryError:
                 if not self.step["allow_microbatching"] or state.micro >= x.shape[0]:
                     raise
@@ -37,7 +41,7 @@ class TrainStep:
                 torch.cuda.empty_cache()
                 self.console.line(f"CUDA out of memory: splitting each batch into {state.micro} micro-batches")
 
-    def _chunks(self, x: torch.Tensor, state: TrainState) -> dict:
+    def _chunks(self, x: torch.Tensor, state: TrainState, closing: bool) -> dict:
         models, opts, objective = self.models, self.opts, self.objective
         # Keep the window's gradients so an OOM retry can start this batch over.
         window_pos = state.batch % self.accum
@@ -51,11 +55,15 @@ class TrainStep:
         adv = objective.losses.adv
         train_disc = opts.disc is not None and adv.active(state.global_step)  # from disc_start
         adversarial = models.discriminator is not None and adv.generator_active(state.global_step) and opts.vae is not None
-        for chunk in x.chunk(state.micro):
+        chunks = x.chunk(state.micro)
+        for i, chunk in enumerate(chunks):
+            final = closing and i == len(chunks) - 1  # the last backward before the optimizer step
             if opts.vae is not None:
                 loss, recon, logs = objective.generator(models.model, models.discriminator, chunk, state.global_step,
                                                         adversarial, opts.scaler.scale)
                 loss = self._checked(loss, state)
+                if final:
+                    self.reducers["vae"].arm()
                 opts.scaler.scale(loss * scale).backward()
             else:
                 with torch.no_grad(), objective.devices.autocast():
@@ -64,6 +72,8 @@ class TrainStep:
             if train_disc:
                 d_loss, d_raw = objective.discriminator(models.discriminator, chunk, recon)
                 d_loss = self._checked(d_loss, state)
+                if final:
+                    self.reducers["disc"].arm()
                 opts.scaler.scale(d_loss * scale).backward()
                 logs["d_loss"] = d_raw
             meter.add(logs)
@@ -92,23 +102,24 @@ class TrainStep:
         """Average gradients over ranks; unless the guard finds the window non-finite (then
         returns its reason and drops the gradients), clip, step, update the EMA and LeCAM."""
         clip, scaler, models = self.step["grad_clip"], self.opts.scaler, self.models
-        groups = [(opt, params()) for opt, params in ((self.opts.vae, self._vae_params), (self.opts.disc, self._disc_params)) if opt]
-        for _, params in groups:
-            self.dist.average_grads(params)  # before unscaling: an inf on any rank skips the step on all
-        every = [p for _, params in groups for p in params]
+        parts = ((self.opts.vae, self._vae_params, "vae"), (self.opts.disc, self._disc_params, "disc"))
+        groups = [(opt, params(), part) for opt, params, part in parts if opt]
+        for _, _, part in groups:
+            self.reducers[part].finish()  # before unscaling: an inf on any rank skips the step on all
+        every = [p for _, params, _ in groups for p in params]
         if self.faults is not None:
             self.faults.at_step(every, state)
         reason = self.guard.check(every, self.objective.devices.main, self.dist)
         if reason is None:
-            for opt, params in groups:
+            for opt, params, _ in groups:
                 if clip:
                     scaler.unscale_(opt)
                     torch.nn.utils.clip_grad_norm_(params, clip)
                 scaler.step(opt)
             scaler.update()
-            self.dist.broadcast_module(models.model, buffers_only=True)  # BatchNorm statistics follow rank 0
-            self.dist.broadcast_module(models.discriminator, buffers_only=True)
-        for opt, _ in groups:
+            self.dist.broadcast_norm_buffers(models.model)  # BatchNorm statistics follow rank 0
+            self.dist.broadcast_norm_buffers(models.discriminator)
+        for opt, _, _ in groups:
             opt.zero_grad(set_to_none=True)
         if reason is not None:
             if models.lecam is not None:
@@ -121,7 +132,7 @@ class TrainStep:
         return None
 
     def _rank_mean(self, t: torch.Tensor) -> torch.Tensor:
-        if self.dist.enabled:
-            torch.distributed.all_reduce(t)
-            t = t / self.dist.world
+        if collectives.active():
+            collectives.all_reduce(t)
+            t = t / collectives.world()
         return t

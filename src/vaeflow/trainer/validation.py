@@ -3,12 +3,11 @@ losses, and grids of fixed validation images and fixed prior samples."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from torch import nn
 
 from vaeflow import checkpoint as ckpt
+from vaeflow.layout import StageLayout
 from vaeflow.metrics import to_model_range, to_unit
 from vaeflow.trainer.console import Meter
 from vaeflow.trainer.objective import Objective
@@ -43,16 +42,13 @@ def validate(model: nn.Module, val_data, objective: Objective, batch_size: int, 
 
 def prior_noise(model: nn.Module, n: int, seed: int) -> torch.Tensor:
     """Fixed latent samples for the generation grids."""
-    g = torch.Generator().manual_seed(seed + 7919)
-    if hasattr(model, "sample_prior"):
-        return model.sample_prior(n, generator=g).cpu()
-    return torch.randn((n, *model.latent_shape), generator=g)
+    return model.sample_prior(n, generator=torch.Generator().manual_seed(seed + 7919)).cpu()
 
 
 @torch.no_grad()
 def save_grids(model: nn.Module, fixed_val: torch.Tensor, fixed_noise: torch.Tensor, device: torch.device,
-               samples_dir: Path, tag: str) -> None:
-    """samples/recon/<tag>-original.png, -nr_o.png (reconstructions) and samples/gen/<tag>-gen.png."""
+               layout: StageLayout, tag: str) -> None:
+    """The validation images (original), their reconstructions (nr_o) and prior samples (gen)."""
     from torchvision.utils import save_image
 
     with _EvalMode(model):
@@ -63,7 +59,7 @@ def save_grids(model: nn.Module, fixed_val: torch.Tensor, fixed_noise: torch.Ten
     if fixed_val.ndim == 5:  # volumes: show the middle slice of each
         mid = fixed_val.shape[2] // 2
         originals, recon, gen = fixed_val[:, :, mid], recon[:, :, mid], gen[:, :, mid]
-    for sub, name, imgs in (("recon", "original", originals), ("recon", "nr_o", recon), ("gen", "gen", gen)):
-        out = samples_dir / sub / f"{tag}-{name}.png"
+    for name, imgs in (("original", originals), ("nr_o", recon), ("gen", gen)):
+        out = layout.train_grid(tag, name)
         out.parent.mkdir(parents=True, exist_ok=True)
         ckpt.atomic_write(out, lambda f, imgs=imgs: save_image(imgs, f, nrow=5, format="png"))

@@ -1,6 +1,8 @@
-"""State-dict adapter between vaeflow/LDM parameter names and diffusers' `AutoencoderKL` names.
+"""Key mapping between vaeflow/LDM parameter names and diffusers' `AutoencoderKL` names.
 
-Pure key and shape mapping (torchtitan style): no model and no diffusers import.
+Pure key and shape mapping (torchtitan style): no model and no diffusers import. It lives
+with the models so that `AutoencoderKL(ckpt_path=<diffusers weights>)` can use it;
+vaeflow.interop.diffusers builds on it.
 
     LDM / vaeflow                          diffusers
     encoder.down.{i}.block.{j}.*           encoder.down_blocks.{i}.resnets.{j}.*

@@ -160,32 +160,17 @@ def test_guard_with_fp16_and_a_cpu_grad_scaler_counts_only_real_faults():
 
 
 @pytest.mark.skipif(not torch.amp.autocast_mode.is_autocast_available("cpu"), reason="no CPU autocast")
-def test_bf16_autocast_on_cpu_recovers_from_an_injected_nan(tmp_path, data_dir, monkeypatch):
-    """The trainer turns AMP off on CPU; here its Devices are switched to bf16 autocast after
-    building, so the whole stage (objective, guard, rollback) runs under real CPU bf16."""
-    from vaeflow.trainer.stage import StageTrainer
-
+def test_bf16_autocast_on_cpu_recovers_from_an_injected_nan(tmp_path, data_dir, monkeypatch, capsys):
+    """use_amp: bf16 on CPU: the whole stage (objective, guard, rollback, LeCAM, R1) under
+    real bf16 autocast, with an injected NaN."""
     monkeypatch.setenv("VAEFLOW_FAULT", "nan@step:5")
-    raw = yaml.safe_load(TINY.read_text())
-    raw["training"]["pipeline"]["steps"] = [{"name": "s", "n_epochs": 2, **GAN, "r1_gamma": 1.0, "lambda_lecam": 0.1}]
-    config = cfg.validate(raw)
-    results = {}
-    for dtype in (torch.bfloat16, None):
-        out = tmp_path / str(dtype)
-        out.mkdir()
-        (out / "data").symlink_to(data_dir / "data")
-        from vaeflow.data import PreparedDataset
-
-        train, val = (PreparedDataset(out / "data", split) for split in ("train", "val"))
-        trainer = StageTrainer(config, "s", out, train, val)
-        trainer.devices.amp_dtype = dtype
-        results[dtype] = (trainer.run(), ckpt.load_vaeflow(out / "s" / "last.pt"))
-    summary, last = results[torch.bfloat16]
+    summary, last = one_stage(tmp_path / "bf16", data_dir, use_amp="bf16", r1_gamma=1.0, lambda_lecam=0.1)
+    assert "bf16" in capsys.readouterr().out  # the stage says which precision it trains in
     assert summary["nonfinite_skipped"] == 3 and summary["rollbacks"] == 1
     for key in ("model", "ema", "discriminator"):
         assert all_finite(last[key]), key
-    fp32 = results[None][1]["model"]
-    assert any(not torch.equal(last["model"][k], fp32[k]) for k in fp32)  # bf16 autocast did run
+    _, fp32 = one_stage(tmp_path / "fp32", data_dir, use_amp="fp32", r1_gamma=1.0, lambda_lecam=0.1)
+    assert any(not torch.equal(last["model"][k], fp32["model"][k]) for k in fp32["model"])  # bf16 did run
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (fp16 autocast with the CUDA GradScaler)")

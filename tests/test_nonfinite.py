@@ -159,6 +159,20 @@ def test_guard_with_fp16_and_a_cpu_grad_scaler_counts_only_real_faults():
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+@pytest.mark.skipif(not torch.amp.autocast_mode.is_autocast_available("cpu"), reason="no CPU autocast")
+def test_bf16_autocast_on_cpu_recovers_from_an_injected_nan(tmp_path, data_dir, monkeypatch, capsys):
+    """use_amp: bf16 on CPU: the whole stage (objective, guard, rollback, LeCAM, R1) under
+    real bf16 autocast, with an injected NaN."""
+    monkeypatch.setenv("VAEFLOW_FAULT", "nan@step:5")
+    summary, last = one_stage(tmp_path / "bf16", data_dir, use_amp="bf16", r1_gamma=1.0, lambda_lecam=0.1)
+    assert "bf16" in capsys.readouterr().out  # the stage says which precision it trains in
+    assert summary["nonfinite_skipped"] == 3 and summary["rollbacks"] == 1
+    for key in ("model", "ema", "discriminator"):
+        assert all_finite(last[key]), key
+    _, fp32 = one_stage(tmp_path / "fp32", data_dir, use_amp="fp32", r1_gamma=1.0, lambda_lecam=0.1)
+    assert any(not torch.equal(last["model"][k], fp32["model"][k]) for k in fp32["model"])  # bf16 did run
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (fp16 autocast with the CUDA GradScaler)")
 def test_fp16_grad_scaler_on_cuda_survives_an_injected_nan(tmp_path, data_dir, monkeypatch):
     monkeypatch.setenv("VAEFLOW_FAULT", "nan@step:5")

@@ -89,5 +89,4 @@ def stop(t, reason: str, last, saved: dict | None) -> None:
                            "split": "event", "event": "nonfinite_stop",
                            "details": {"reason": reason, "step": st.global_step + 1, "rollbacks": st.rollbacks,
                                        "skipped": st.skipped}})
-    t.console.line(f"ERROR: {message}")
-    raise NonFiniteError(message)
+    raise NonFiniteError(message)  # the CLI prints it once: "vaeflow: error: training diverged: ..."

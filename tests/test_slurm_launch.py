@@ -132,3 +132,10 @@ def test_tests_use_the_cluster_that_slurm_up_starts():
     assert re.search(r'^ETC="\$BASE/etc"$', script, re.M) and re.search(r'^CONF="\$ETC/slurm.conf"$', script, re.M)
     test = (REPO / "tests/test_slurm.py").read_text()
     assert f'"{base}/etc/slurm.conf"' in test
+
+
+def test_rules_import_no_torch():
+    """rules/train.smk imports train_job_resources: the Snakefile must not pay torch's import."""
+    code = "import sys, vaeflow.trainer.slurm; assert 'torch' not in sys.modules, 'torch imported'"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr

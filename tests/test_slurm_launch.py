@@ -1,6 +1,6 @@
 """Multi-node launch under SLURM (vaeflow.trainer.slurm), without a cluster: the generated
-srun command line, the torchrun options each node derives from it (read by torchrun's own
-parser), and the errors of `vaeflow train` when nnodes > 1 cannot start here.
+srun command line, the torchrun options each node derives from it (trainer/launch.py, read
+by torchrun's own parser), and the errors of `vaeflow train` when nnodes > 1 cannot start here.
 The same command runs on the two-node test cluster in tests/test_slurm.py."""
 
 from __future__ import annotations
@@ -14,10 +14,11 @@ import pytest
 import yaml
 from torch.distributed.run import get_args_parser
 
+from vaeflow.cli import build_parser
+from vaeflow.trainer.launch import ENDPOINT_ENV, ID_ENV, torchrun_args
 from vaeflow.trainer.slurm import (
     LaunchError,
     SlurmJob,
-    c10d_options,
     multinode_command,
     parse_job,
     rdzv_port,
@@ -52,10 +53,13 @@ def test_srun_command_one_vaeflow_train_per_node():
 
 
 def test_each_node_becomes_a_c10d_torchrun():
-    """What every node's `vaeflow train` runs: torchrun's own parser reads c10d at the first host."""
-    assert c10d_options(2, 4, env={}) is None
-    env = {"VAEFLOW_RDZV_ENDPOINT": f"vf-n1:{rdzv_port('42')}", "VAEFLOW_RDZV_ID": "42"}
-    args = get_args_parser().parse_args([*c10d_options(2, 4, env=env), *WORKER])
+    """What each node's `vaeflow train` runs with the variables srun exports (trainer/launch.py):
+    torchrun's own parser reads c10d at the first host, the job id as run id."""
+    cmd = srun_command(SlurmJob("42", ("vf-n1", "vf-n2"), 2), WORKER)
+    (export,) = [o for o in cmd if o.startswith("--export=")]
+    env = dict(kv.split("=", 1) for kv in export.removeprefix("--export=").split(",")[1:])
+    opts = torchrun_args(4, 2, env[ENDPOINT_ENV], env[ID_ENV], timeout_s=600)
+    args = get_args_parser().parse_args([*opts, *WORKER])
     assert (args.nnodes, args.nproc_per_node, args.rdzv_backend) == ("2", "4", "c10d")
     assert args.rdzv_endpoint == f"vf-n1:{rdzv_port('42')}" and args.rdzv_id == "42"
     assert args.module and args.training_script == "vaeflow.cli" and args.training_script_args == WORKER[2:]
@@ -81,12 +85,12 @@ def test_train_job_resources():
     assert res == {"nodes": 3, "tasks": 3, "mpi": "srun", "tasks_per_gpu": 0}
 
 
-def test_outside_slurm_names_the_torchrun_command():
+def test_outside_slurm_names_the_command_for_each_machine():
     with pytest.raises(LaunchError, match="nnodes is 2") as err:
         multinode_command(2, 1, WORKER, env={})
-    (line,) = [x.strip() for x in str(err.value).splitlines() if x.strip().startswith("torchrun")]
-    args = get_args_parser().parse_args(line.split()[1:])
-    assert args.nnodes == "2" and args.rdzv_backend == "c10d" and args.training_script_args == WORKER[2:]
+    (line,) = [x.strip() for x in str(err.value).splitlines() if x.strip().startswith("vaeflow train")]
+    args = build_parser().parse_args(line.split()[1:])  # the vaeflow command accepts it
+    assert (args.stage, args.rdzv_endpoint, args.rdzv_id) == ("vae", "HOST0:29500", "RUN_NAME")
 
 
 def test_inside_a_job_step_refuses():
@@ -106,7 +110,7 @@ def test_vaeflow_train_nnodes_outside_slurm_is_one_clear_error(tmp_path):
     )  # fmt: skip
     assert res.returncode == 2, res.stderr
     assert res.stderr.startswith("vaeflow: error: training.distributed.nnodes is 2") and "Traceback" not in res.stderr
-    assert "torchrun --nnodes=2" in res.stderr
+    assert "--rdzv-endpoint=HOST0:29500" in res.stderr
     assert not (tmp_path / "results").exists()
 
 
@@ -128,3 +132,10 @@ def test_tests_use_the_cluster_that_slurm_up_starts():
     assert re.search(r'^ETC="\$BASE/etc"$', script, re.M) and re.search(r'^CONF="\$ETC/slurm.conf"$', script, re.M)
     test = (REPO / "tests/test_slurm.py").read_text()
     assert f'"{base}/etc/slurm.conf"' in test
+
+
+def test_rules_import_no_torch():
+    """rules/train.smk imports train_job_resources: the Snakefile must not pay torch's import."""
+    code = "import sys, vaeflow.trainer.slurm; assert 'torch' not in sys.modules, 'torch imported'"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr

@@ -8,9 +8,10 @@ runs on the job's first node, calls `vaeflow train`; that replaces itself with
       --export=ALL,VAEFLOW_RDZV_ENDPOINT=<first host>:<port>,VAEFLOW_RDZV_ID=<job id> \\
       python -m vaeflow.cli train --config ... --results ... --stage ...
 
-so each node runs `vaeflow train` once more, now with a rendezvous endpoint: it becomes
-that node's torchrun (`--nnodes N --nproc-per-node P --rdzv-backend c10d --rdzv-endpoint
-<first host>:<port> --rdzv-id <job id>`), whose P workers see WORLD_SIZE = N * P and train.
+so each node runs `vaeflow train` once more, now with a rendezvous endpoint: trainer/launch.py
+makes it that node's torchrun (`--nnodes N --nproc-per-node P --rdzv-backend c10d
+--rdzv-endpoint <first host>:<port> --rdzv-id <job id>`), whose P workers see
+WORLD_SIZE = N * P and train.
 The first host of the job is `scontrol show hostnames <NodeList> | head -1`; its torchrun
 hosts the rendezvous store (torch recognises its own host name). The port depends on the
 job id, so two jobs sharing a first node do not collide. `--kill-on-bad-exit` ends every
@@ -29,11 +30,10 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
+from vaeflow.trainer.launch import ENDPOINT_ENV, ID_ENV  # how a node's `vaeflow train` learns the rendezvous
+
 RDZV_PORT_BASE = 20000  # ports RDZV_PORT_BASE .. +9999: below Linux's ephemeral range
 RDZV_PORT_SPAN = 10000
-# How a node's `vaeflow train` learns the rendezvous (the same names as the launcher's).
-ENDPOINT_ENV = "VAEFLOW_RDZV_ENDPOINT"
-ID_ENV = "VAEFLOW_RDZV_ID"
 
 
 class LaunchError(RuntimeError):
@@ -90,24 +90,13 @@ def srun_command(job: SlurmJob, worker: list[str], python: str = sys.executable)
     return [*srun, python, *worker]
 
 
-def manual_commands(nnodes: int, nproc_per_node: int, worker: list[str]) -> str:
+def manual_commands(nnodes: int, worker: list[str]) -> str:
     """What to run on each machine without SLURM (the README shows the same)."""
-    torchrun = (
-        f"torchrun --nnodes={nnodes} --nproc-per-node={nproc_per_node} --rdzv-backend=c10d "
-        f"--rdzv-endpoint=HOST0:29500 --rdzv-id=RUN_NAME {shlex.join(worker)}"
+    vaeflow = shlex.join(["vaeflow", *worker[2:]])  # worker: -m vaeflow.cli train ...
+    return (
+        f"on each of the {nnodes} machines (HOST0: the first one's address, RUN_NAME: any word they share):\n"
+        f"  {vaeflow} --rdzv-endpoint=HOST0:29500 --rdzv-id=RUN_NAME"
     )
-    return f"on each of the {nnodes} machines (HOST0: the first one's address, RUN_NAME: any shared word):\n  {torchrun}"
-
-
-def c10d_options(nnodes: int, nproc_per_node: int, env=os.environ) -> list[str] | None:
-    """torchrun's options for this node of a multi-node run, or None if no rendezvous is set."""
-    endpoint = env.get(ENDPOINT_ENV)
-    if not endpoint:
-        return None
-    return [
-        f"--nnodes={nnodes}", f"--nproc-per-node={nproc_per_node}", "--rdzv-backend=c10d",
-        f"--rdzv-endpoint={endpoint}", f"--rdzv-id={env.get(ID_ENV) or 'vaeflow'}",
-    ]  # fmt: skip
 
 
 def multinode_command(nnodes: int, nproc_per_node: int, worker: list[str], env=os.environ) -> list[str]:
@@ -118,8 +107,7 @@ def multinode_command(nnodes: int, nproc_per_node: int, worker: list[str], env=o
     if not job_id:
         raise LaunchError(
             f"training.distributed.nnodes is {nnodes}: run this stage through SLURM "
-            f"(snakemake --profile profiles/slurm), or give it a rendezvous ({ENDPOINT_ENV}=HOST:PORT) or run "
-            f"torchrun yourself {manual_commands(nnodes, nproc_per_node, worker)}"
+            f"(snakemake --profile profiles/slurm), or start it {manual_commands(nnodes, worker)}"
         )
     if env.get("SLURM_STEP_ID") is not None:
         raise LaunchError(

@@ -25,7 +25,7 @@ WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{WEIGHTS_FILE}"
 RANDOM_WEIGHTS_ENV = "VAEFLOW_FID_RANDOM_WEIGHTS"
 FEATURES = 2048
-INCEPTION_BATCH = 32  # images per Inception forward: bounds activation memory (~0.5 GB on CPU)
+INCEPTION_BATCH = 16  # images per Inception forward: bounds its activations (~0.25 GB on CPU)
 
 PREPROCESS = ("images in [0, 1] rounded to uint8 (as if saved to PNG); 1-channel images repeated to RGB; "
               "no crop; resized to 299x299 by TensorFlow-1.x-compatible bilinear interpolation "

@@ -21,11 +21,18 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     return (ConfigError, DataError, CheckpointError, PerceptualWeightsMissing, SampleError, FileNotFoundError)
 
 
-def _load_config(args):
+def _load_config(args, remembered: bool = False):
+    """The validated config; `remembered`: skip the torch-importing code-level check when the
+    same check passed before (vaeflow.precheck), for jobs that need no torch themselves."""
     from vaeflow import config as cfg
 
     config = cfg.load(args.config)
-    cfg.check_code_level(config)
+    if remembered:
+        from vaeflow.precheck import check_code_level_cached
+
+        check_code_level_cached(config)
+    else:
+        cfg.check_code_level(config)
     return config
 
 
@@ -58,7 +65,7 @@ def cmd_validate(args) -> int:
 def cmd_prepare(args) -> int:
     from vaeflow.data import prepare_dataset
 
-    config = _load_config(args)
+    config = _load_config(args, remembered=True)  # after the Snakefile's check: no torch here
     manifest = prepare_dataset(config["data"], Path(args.results) / "data")
     counts = manifest.get("counts", {})
     print(f"prepared {config['data']['dataset']}: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
@@ -152,9 +159,10 @@ def cmd_summary(args) -> int:
 
 
 def cmd_dvc_yaml(args) -> int:
+    from vaeflow.config import load
     from vaeflow.dvcgen import render_dvc_yaml
 
-    config = _load_config(args)
+    config = load(args.config)  # schema + semantics; the stages themselves run the code-level check
     text = render_dvc_yaml(config, args.config)
     out = Path(args.out)
     if args.check:

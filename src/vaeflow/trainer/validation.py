@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from vaeflow import checkpoint as ckpt
+from vaeflow.grid import save_image
 from vaeflow.metrics import to_model_range, to_unit
 from vaeflow.trainer.console import Meter
 from vaeflow.trainer.objective import Objective
@@ -53,8 +54,6 @@ def prior_noise(model: nn.Module, n: int, seed: int) -> torch.Tensor:
 def save_grids(model: nn.Module, fixed_val: torch.Tensor, fixed_noise: torch.Tensor, device: torch.device,
                samples_dir: Path, tag: str) -> None:
     """samples/recon/<tag>-original.png, -nr_o.png (reconstructions) and samples/gen/<tag>-gen.png."""
-    from torchvision.utils import save_image
-
     with _EvalMode(model):
         x = to_model_range(fixed_val, model).to(device)
         recon = to_unit(model.ae_forward(x, sample_posterior=False).recon.float(), model).cpu()
@@ -66,4 +65,4 @@ def save_grids(model: nn.Module, fixed_val: torch.Tensor, fixed_noise: torch.Ten
     for sub, name, imgs in (("recon", "original", originals), ("recon", "nr_o", recon), ("gen", "gen", gen)):
         out = samples_dir / sub / f"{tag}-{name}.png"
         out.parent.mkdir(parents=True, exist_ok=True)
-        ckpt.atomic_write(out, lambda f, imgs=imgs: save_image(imgs, f, nrow=5, format="png"))
+        ckpt.atomic_write(out, lambda f, imgs=imgs: save_image(imgs, f, nrow=5))

@@ -30,6 +30,7 @@ def _known_errors() -> tuple[type[BaseException], ...]:
 
 
 def _load_config(args):
+    """The validated config, with the checks that need the model code (vaeflow.preflight)."""
     from vaeflow import config as cfg
     from vaeflow.preflight import check_code_level
 
@@ -192,9 +193,10 @@ def cmd_summary(args) -> int:
 
 
 def cmd_dvc_yaml(args) -> int:
+    from vaeflow.config import load
     from vaeflow.dvcgen import render_dvc_yaml
 
-    config = _load_config(args)
+    config = load(args.config)  # schema + semantics; the stages themselves run the code-level check
     text = render_dvc_yaml(config, args.config)
     out = Path(args.out)
     if args.check:

@@ -21,11 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torchvision.utils import make_grid
 
 from vaeflow.checkpoint import atomic_write
 from vaeflow.config import schema_defaults
 from vaeflow.layout import MANIFEST, Layout, StageLayout
+from vaeflow.grid import make_grid, to_uint8
 from vaeflow.metrics import to_model_range as _to_model_range
 from vaeflow.metrics import to_unit as _to_unit
 from vaeflow.models.loading import load_autoencoder
@@ -209,7 +209,7 @@ def save_grid(grid: Grid, path: str | Path, title: str = "") -> Path:
     if scale > 1:
         tiles = torch.nn.functional.interpolate(tiles, scale_factor=scale, mode="nearest")
     img = make_grid(tiles, nrow=grid.nrow, padding=2)
-    arr = img.mul(255).add_(0.5).clamp_(0, 255).permute(1, 2, 0).to(torch.uint8).numpy()
+    arr = to_uint8(img)
     info = PngInfo()
     info.add_text("Title", title)
     info.add_text("Description", grid.description)

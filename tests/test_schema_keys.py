@@ -9,6 +9,7 @@ subprocess runs use a few configs that combine as many keys as stay valid togeth
 
 from __future__ import annotations
 
+import copy
 import io
 from contextlib import redirect_stderr, redirect_stdout
 

@@ -15,10 +15,11 @@ weights and of the EMA weights. It prints, per setting (mean over `--seeds`): PS
 before the adversarial loss starts (step A), just after (step A + eval_every), the lowest
 PSNR after the start, and at the end, plus the largest logged adv_weight.
 
-    # the README's table (2 shared CPU cores; about 25 minutes):
-    python benchmarks/gan_stability.py --seeds 0 1 2
+    # the README's tables (2 CPU cores shared with other jobs: 44 min and 18 min):
+    python benchmarks/gan_stability.py --seeds 0 1
+    python benchmarks/gan_stability.py --seeds 0 --only same-start d-warmup lecam --set adaptive_weight=false
     # quick check:
-    python benchmarks/gan_stability.py --steps 40 --adv-start 20 --eval-every 10 --seeds 0
+    python benchmarks/gan_stability.py --steps 40 --adv-start 10 --eval-every 10 --seeds 0
 
 The warm-up (12 epochs of the default config, minutes on a CPU) runs once and is reused
 from `--work` on later invocations.

@@ -3,7 +3,7 @@
 Runs the trainer's own step (forward, backward, gradient all-reduce, optimizer, EMA) of one
 stage of the config on random images, the same global batch in every run, under torchrun:
 
-    1 process   with all the threads (--threads, default 2)
+    1 process   with all the threads (--threads, default 2), and with one process's share
     2 processes overlapped: each bucket's all-reduce starts during backward (the default)
     2 processes synchronous: all buckets reduced after backward (overlap off)
 
@@ -94,11 +94,14 @@ def main() -> None:
     args = ap.parse_args()
     if args.worker:
         return worker(args)
-    one = launch(args, 1, "overlap", args.threads)
-    two = {mode: launch(args, 2, mode, max(1, args.threads // 2)) for mode in ("overlap", "sync")}
+    share = max(1, args.threads // 2)
+    ones = {t: launch(args, 1, "overlap", t) for t in sorted({args.threads, share}, reverse=True)}
+    one = ones[args.threads]
+    two = {mode: launch(args, 2, mode, share) for mode in ("overlap", "sync")}
     print(f"config {args.config}, stage {args.stage}, global batch {one['batch']}, {args.threads} threads in all, "
-          f"median of {args.steps} steps; {one['params']} parameter tensors in {two['overlap']['buckets']} bucket(s)")
-    print(f"1 process:                 {1e3 * one['step_s']:7.1f} ms/step")
+          f"median of {args.steps} steps; {one['params']} parameter tensors in {two['overlap']['buckets']} buckets")
+    for t, r in ones.items():
+        print(f"1 process, {t} thread(s):    {1e3 * r['step_s']:7.1f} ms/step")
     for mode, r in two.items():
         print(f"2 processes, {mode:<12} {1e3 * r['step_s']:7.1f} ms/step ({one['step_s'] / r['step_s']:.2f}x), "
               f"communication {1e3 * r['wait_s']:6.2f} ms = {100 * r['wait_s'] / r['step_s']:.1f} % of the step")

@@ -270,8 +270,9 @@ def test_two_processes_stuck_worker_times_out_and_resume_is_bit_exact(tmp_path, 
     finally:
         subprocess.run(["kill", "-KILL", str(stuck)], capture_output=True)
     # Rank 0 waits timeout_s in its collective, asks which ranks still answer (10 s at most),
-    # exits; torchrun then stops the stuck worker (SIGTERM, SIGKILL after 5 s).
-    assert rc == 1 and time.time() - t0 < DIST_TIMEOUT_S + 60, log[-3000:]
+    # exits; torchrun then stops the stuck worker (SIGTERM, SIGKILL after 5 s): about 35 s,
+    # measured 66 s on 2 cores shared with a dozen other processes.
+    assert rc == 1 and time.time() - t0 < DIST_TIMEOUT_S + 90, log[-3000:]
     [line] = [l for l in log.splitlines() if l.startswith("vaeflow: error: training failed:")]
     assert "rank 0 (local rank 0" in line and "rank(s) 1 did not answer" in line
     assert f"training.distributed.timeout_s={DIST_TIMEOUT_S}" in line

@@ -30,6 +30,7 @@ import torch
 from vaeflow import collectives
 
 BUCKET_MB = 25.0  # DDP's default bucket_cap_mb
+FIRST_BUCKET_MB = 1.0  # as DDP: a small first bucket, so communication starts early in backward
 
 
 def _buckets(params: list[torch.Tensor], cap_bytes: float) -> list[list[int]]:
@@ -39,7 +40,8 @@ def _buckets(params: list[torch.Tensor], cap_bytes: float) -> list[list[int]]:
     for i in reversed(range(len(params))):
         p = params[i]
         k = (p.dtype, p.device)
-        if current and (k != key or size + p.numel() * p.element_size() > cap_bytes):
+        cap = min(cap_bytes, FIRST_BUCKET_MB * 2**20) if not buckets else cap_bytes
+        if current and (k != key or size + p.numel() * p.element_size() > cap):
             buckets.append(current)
             current, size = [], 0
         current.append(i)

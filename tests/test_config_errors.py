@@ -45,6 +45,11 @@ CASES = {
         "discriminator.norm", "BatchNorm breaks"),
     "not_square": (lambda c: c["sampling"].update(samples=10), "sampling.samples", "perfect square"),
     "missing_name": (lambda c: c["training"]["pipeline"]["steps"][0].pop("name"), "training.pipeline.steps[0]", "'name' is a required property"),
+    "batch_over_processes": (
+        lambda c: c["training"].update(batch_size=30, distributed={"nproc_per_node": 2, "nnodes": 2}),
+        "training.batch_size", "30 images do not split evenly over 4 processes"),
+    "zero_timeout": (lambda c: c["training"].update(distributed={"timeout_s": 0}),
+                     "training.distributed.timeout_s", "less than or equal to the minimum"),
 }
 
 
@@ -107,5 +112,18 @@ def test_stage_command_refuses_bad_config(project):
     assert res.returncode == 2
     assert res.stderr.strip().splitlines() == [
         "vaeflow: error: config error in config/config.yaml: training.batch_size: 'big' is not of type 'integer'"
+    ]
+    assert not (project / "results").exists()
+
+
+def test_several_nodes_need_a_rendezvous_endpoint(project):
+    cfg_ = tiny()
+    cfg_["training"]["distributed"] = {"nproc_per_node": 1, "nnodes": 2}
+    (project / "config" / "config.yaml").write_text(yaml.safe_dump(cfg_))
+    res = run(["python", "scripts/train.py", "--config", "config/config.yaml", "--stage", "vae_warmup"], project, check=False)
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == [
+        "vaeflow: error: config error in config/config.yaml: training.distributed.nnodes: 2 nodes need a rendezvous "
+        "endpoint: pass --rdzv-endpoint HOST:PORT (or set VAEFLOW_RDZV_ENDPOINT), the same on every node"
     ]
     assert not (project / "results").exists()

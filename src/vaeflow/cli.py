@@ -83,7 +83,7 @@ def cmd_train(args) -> int:
         from vaeflow.trainer.launch import launch
 
         worker = ["train", "--config", *args.config, "--results", args.results, "--stage", args.stage]
-        return launch(worker, dcfg, args.rdzv_endpoint, args.rdzv_id)
+        return launch(worker, dcfg, args.rdzv_endpoint, args.rdzv_id, source=", ".join(args.config))
     run_stage(config, args.stage, args.results)
     return 0
 

@@ -1,21 +1,25 @@
-"""Train-step benchmark: vaeflow's AutoencoderKL against diffusers' AutoencoderKL.
+"""Train-step benchmark of vaeflow's AutoencoderKL (CPU or CUDA), against diffusers when installed.
 
 Both models hold the same weights (ours is built from the diffusers model with
-`vaeflow.interop.diffusers.from_diffusers`), see the same batch, run with the same thread count,
-and their steps are interleaved in one process (round robin, so load changes hit every variant
-alike). A train step is forward (sampled posterior) + MSE + 1e-6 * KL, backward, Adam step.
+`vaeflow.interop.diffusers.from_diffusers`), see the same batch and run in one process,
+interleaved round robin (so load changes hit every variant alike). A train step is forward
+(sampled posterior) + MSE + 1e-6 * KL, backward, Adam step.
 
-Variants: diffusers fp32 (the baseline), ours fp32, ours fp32 channels_last, ours bf16
-autocast + channels_last, and with --compile the same under torch.compile. For each it prints
-the median step time, the speed-up over diffusers fp32, and achieved FLOP/s (counted with
-torch.utils.flop_counter) against the machine's measured matmul peak.
+Variants: diffusers fp32 (the baseline, when diffusers imports), ours fp32 / bf16 autocast, each
+NCHW and channels_last, and with --compile (default on CUDA) the same under torch.compile.
+Per variant: the fastest and median step time, images/s, achieved FLOP/s (counted with
+torch.utils.flop_counter) as a share of the same-dtype matmul peak and as MFU (share of the
+bf16 matmul peak), both peaks measured in the same run; on CUDA also the peak memory of a
+step (torch.cuda.max_memory_allocated during it, less what other variants hold, plus the
+variant's own weights, gradients and optimizer state).
 
-A quality check then trains diffusers fp32 and ours bf16 (channels_last) from the same weights
-on the same synthetic batches for --quality-steps steps and compares the held-out PSNR (fp32
-eval); the target is |delta| <= 0.2 dB.
+A quality check then trains the baseline (fp32) and ours bf16 from the same weights on the
+same synthetic batches for --quality-steps steps and compares held-out PSNR (target
+|delta| <= 0.2 dB). The table comes last.
 
-    PYTHONPATH=src python benchmarks/bench_autoencoder_kl.py            # ~2-3 min on 2 cores
-    PYTHONPATH=src python benchmarks/bench_autoencoder_kl.py --quick    # ~1 min smoke run
+    python benchmarks/bench_autoencoder_kl.py                  # CPU, 128 px, batch 4: ~3 min on 2 cores
+    python benchmarks/bench_autoencoder_kl.py --quick          # CPU smoke run, ~1 min
+    python benchmarks/bench_autoencoder_kl.py --device cuda    # GPU: 256 px, batch 8, 8 variants, < 6 min on an H100
 """
 from __future__ import annotations
 
@@ -37,25 +41,33 @@ import torch.nn.functional as F  # noqa: E402
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=5, help="timed steps per variant")
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps per variant first")
-    p.add_argument("--quick", action="store_true",
-                   help="smoke run: 64x64 images, 3 timed steps, 6 quality steps")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--size", type=int, default=128)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per variant (5 CPU, 10 CUDA)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps per variant first (1 CPU, 2 CUDA)")
+    p.add_argument("--quick", action="store_true", help="smoke run: 64x64 images, 3 timed steps, 6 quality steps")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads")
+    p.add_argument("--batch", type=int, default=None, help="images per step (4 CPU, 8 CUDA)")
+    p.add_argument("--size", type=int, default=None, help="image side (128 CPU, 256 CUDA)")
     p.add_argument("--channels", default="64,128,256,256", help="block_out_channels")
     p.add_argument("--layers", type=int, default=2, help="layers_per_block")
     p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--compile", action="store_true", help="also time torch.compile variants")
-    p.add_argument("--diffusers-bf16", action="store_true",
-                   help="also time diffusers with bf16 autocast + channels_last")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="also time torch.compile variants (default: on for CUDA, off for CPU)")
+    p.add_argument("--budget-s", type=float, default=300.0,
+                   help="no further torch.compile variant is started once the run has taken this long")
+    p.add_argument("--no-diffusers", action="store_true", help="skip the diffusers baseline even if installed")
+    p.add_argument("--diffusers-bf16", action="store_true", help="also time diffusers bf16 channels_last")
     p.add_argument("--quality-steps", type=int, default=12, help="0 skips the PSNR check")
-    p.add_argument("--no-flops", action="store_true", help="skip FLOP counting and peak")
+    p.add_argument("--no-flops", action="store_true", help="skip FLOP counting and the matmul peaks")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--fused-adam", action="store_true",
-                   help="Adam(fused=True) for every variant (default: torch's default Adam)")
+    p.add_argument("--fused-adam", action=argparse.BooleanOptionalAction, default=None,
+                   help="Adam(fused=True) for every variant (default: on for CUDA)")
     a = p.parse_args(argv)
+    cuda = a.device == "cuda"
+    for key, cpu_value, cuda_value in (("steps", 5, 10), ("warmup", 1, 2), ("batch", 4, 8), ("size", 128, 256),
+                                       ("compile", False, True), ("fused_adam", False, True)):
+        if getattr(a, key) is None:
+            setattr(a, key, cuda_value if cuda else cpu_value)
     if a.quick:
         a.steps, a.warmup, a.quality_steps = min(a.steps, 3), min(a.warmup, 1), min(a.quality_steps, 6)
         a.size = min(a.size, 64)
@@ -81,30 +93,40 @@ def synthetic_images(n, size, seed):
     return torch.tanh(x)
 
 
-def build_pair(args):
-    import diffusers
-
-    from vaeflow.interop.diffusers import from_diffusers
-
+def diffusers_config(args) -> dict:
     chans = tuple(int(c) for c in args.channels.split(","))
+    return dict(in_channels=3, out_channels=3, block_out_channels=chans,
+                down_block_types=("DownEncoderBlock2D",) * len(chans),
+                up_block_types=("UpDecoderBlock2D",) * len(chans), layers_per_block=args.layers,
+                latent_channels=4, norm_num_groups=32, sample_size=args.size)
+
+
+def build_models(args):
+    """(diffusers model or None, ours with the same weights, why there is no diffusers model)."""
+    from vaeflow.interop.diffusers import config_from_diffusers, from_diffusers
+    from vaeflow.models import AutoencoderKL
+
     torch.manual_seed(args.seed)
-    dm = diffusers.AutoencoderKL(
-        in_channels=3, out_channels=3, block_out_channels=chans,
-        down_block_types=("DownEncoderBlock2D",) * len(chans),
-        up_block_types=("UpDecoderBlock2D",) * len(chans), layers_per_block=args.layers,
-        latent_channels=4, norm_num_groups=32, sample_size=args.size)
+    why = "--no-diffusers" if args.no_diffusers else None
+    if why is None:
+        try:
+            import diffusers
+        except ImportError as exc:
+            why = f"diffusers is not importable ({exc})"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ours = from_diffusers(dm)
-    return dm, ours
+        if why is not None:
+            return None, AutoencoderKL(**config_from_diffusers(diffusers_config(args))), why
+        dm = diffusers.AutoencoderKL(**diffusers_config(args))
+        return dm, from_diffusers(dm), None
 
 
 class Variant:
-    def __init__(self, name, model, kind, *, channels_last=False, bf16=False, compile=False,
+    def __init__(self, name, model, kind, device, *, channels_last=False, bf16=False, compile=False,
                  lr=2e-4, fused=False):
-        self.name, self.kind = name, kind
-        self.channels_last, self.bf16 = channels_last, bf16
-        model = copy.deepcopy(model).train()
+        self.name, self.kind, self.device = name, kind, device
+        self.channels_last, self.bf16, self.compiled = channels_last, bf16, compile
+        model = copy.deepcopy(model).to(device).train()
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
@@ -113,6 +135,8 @@ class Variant:
         if compile:
             self.fwd = torch.compile(self.fwd)
         self.times: list[float] = []
+        self.peak_bytes: int | None = None
+        self.skipped: str | None = None
 
     def _forward_ours(self, x):
         recon, post = self.model(x, sample_posterior=True)
@@ -124,18 +148,25 @@ class Variant:
         return recon, post.kl()
 
     def prep(self, x):
+        x = x.to(self.device)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def step(self, x):
         x = self.prep(x)
         self.opt.zero_grad(set_to_none=True)
-        ctx = torch.autocast("cpu", dtype=torch.bfloat16) if self.bf16 else nullcontext()
+        ctx = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
         with ctx:
             recon, kl = self.fwd(x)
             loss = F.mse_loss(recon.float(), x) + 1e-6 * kl.float().mean()
         loss.backward()
         self.opt.step()
-        return loss.item()
+        return loss
+
+    def resident_bytes(self) -> int:
+        """Weights, gradients and optimizer state of this variant."""
+        tensors = [p for p in self.model.parameters()] + [p.grad for p in self.model.parameters() if p.grad is not None]
+        tensors += [t for s in self.opt.state.values() for t in s.values() if torch.is_tensor(t)]
+        return sum(t.numel() * t.element_size() for t in tensors if t.device.type == self.device.type)
 
     @torch.no_grad()
     def psnr(self, x):
@@ -153,124 +184,192 @@ class Variant:
 # ------------------------------------------------------------------------------------------
 # measurements
 
-def matmul_peak(dtype, n=2048, reps=5):
-    a = torch.randn(n, n, dtype=dtype)
-    b = torch.randn(n, n, dtype=dtype)
-    torch.mm(a, b)
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed_step(v: Variant, x, measure_memory: bool) -> float:
+    cuda = v.device.type == "cuda"
+    if cuda and measure_memory:
+        sync(v.device)
+        before = torch.cuda.memory_allocated(v.device)
+        torch.cuda.reset_peak_memory_stats(v.device)
+    sync(v.device)
+    t = time.perf_counter()
+    v.step(x)
+    sync(v.device)
+    dt = time.perf_counter() - t
+    if cuda and measure_memory:  # the step's own peak, plus this variant's resident state
+        v.peak_bytes = torch.cuda.max_memory_allocated(v.device) - before + v.resident_bytes()
+    return dt
+
+
+def matmul_peak(dtype, device, n=None, reps=None):
+    cuda = device.type == "cuda"
+    n = n or (8192 if cuda else 2048)
+    reps = reps or (20 if cuda else 5)
+    a = torch.randn(n, n, dtype=dtype, device=device)
+    b = torch.randn(n, n, dtype=dtype, device=device)
+    for _ in range(3 if cuda else 1):
+        torch.mm(a, b)
     best = math.inf
     for _ in range(reps):
+        sync(device)
         t = time.perf_counter()
         torch.mm(a, b)
+        sync(device)
         best = min(best, time.perf_counter() - t)
     return 2 * n ** 3 / best
 
 
-def count_flops(variant, x):
+def count_flops(model, x, device):
     from torch.utils.flop_counter import FlopCounterMode
+
+    v = Variant("flops", model, "ours", device)
     with FlopCounterMode(display=False) as fc:
-        variant.step(x)
+        v.step(x)
+    del v
     return fc.get_total_flops()
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
-          f"batch {args.batch}x3x{args.size}x{args.size}, block_out_channels ({args.channels}), "
-          f"layers_per_block {args.layers}", flush=True)
-    import diffusers
-    print(f"diffusers {diffusers.__version__}", flush=True)
-    dm, ours = build_pair(args)
-    print(f"params: {sum(p.numel() for p in ours.parameters()) / 1e6:.1f} M", flush=True)
-
+def make_variants(args, dm, ours, device):
     opt = dict(lr=args.lr, fused=args.fused_adam)
-    variants = [Variant("diffusers fp32", dm, "diffusers", **opt),
-                Variant("ours fp32", ours, "ours", **opt),
-                Variant("ours fp32 channels_last", ours, "ours", channels_last=True, **opt),
-                Variant("ours bf16", ours, "ours", bf16=True, **opt),
-                Variant("ours bf16 channels_last", ours, "ours", channels_last=True, bf16=True,
-                        **opt)]
-    if args.diffusers_bf16:
-        variants.append(Variant("diffusers bf16 channels_last", dm, "diffusers",
-                                channels_last=True, bf16=True, **opt))
-    if args.compile:
-        variants += [Variant("ours fp32 channels_last compile", ours, "ours", channels_last=True,
-                             compile=True, **opt),
-                     Variant("ours bf16 channels_last compile", ours, "ours", channels_last=True,
-                             bf16=True, compile=True, **opt)]
+    out = []
+    if dm is not None:
+        out.append(Variant("diffusers fp32", dm, "diffusers", device, **opt))
+    for bf16 in (False, True):
+        for cl in (False, True):
+            out.append(Variant(f"ours {'bf16' if bf16 else 'fp32'}{' channels_last' if cl else ''}", ours, "ours",
+                               device, channels_last=cl, bf16=bf16, **opt))
+    if dm is not None and args.diffusers_bf16:
+        out.append(Variant("diffusers bf16 channels_last", dm, "diffusers", device, channels_last=True, bf16=True,
+                           **opt))
+    if args.compile:  # most useful first: a time budget skips the last ones
+        for bf16, cl in ((True, True), (False, True), (True, False), (False, False)):
+            out.append(Variant(f"ours {'bf16' if bf16 else 'fp32'}{' channels_last' if cl else ''} compile", ours,
+                               "ours", device, channels_last=cl, bf16=bf16, compile=True, **opt))
+    return out
 
-    x = synthetic_images(args.batch, args.size, args.seed)
-    for v in variants:  # warm-up (and compilation) outside the timed loop
+
+def warm_up(variants, x, args, t_start):
+    last_compile = 0.0
+    for v in variants:
+        elapsed = time.perf_counter() - t_start
+        if v.compiled and elapsed + last_compile > args.budget_s:
+            v.skipped = f"skipped: {elapsed:.0f} s elapsed, --budget-s {args.budget_s:.0f}"
+            print(f"  {v.name}: {v.skipped}", flush=True)
+            continue
         t = time.perf_counter()
         for _ in range(args.warmup):
             v.step(x)
-        print(f"  warm-up {v.name}: {time.perf_counter() - t:.1f} s", flush=True)
-    for i in range(args.steps):  # interleaved: one step of every variant per round
-        order = variants if i % 2 == 0 else variants[::-1]
-        for v in order:
-            t = time.perf_counter()
-            v.step(x)
-            v.times.append(time.perf_counter() - t)
-    base = statistics.median(variants[0].times)
+        sync(v.device)
+        took = time.perf_counter() - t
+        if v.compiled:
+            last_compile = took
+        print(f"  warm-up {v.name}: {took:.1f} s", flush=True)
+    return [v for v in variants if v.skipped is None]
 
-    flops = None
-    if not args.no_flops:
-        flops = count_flops(Variant("flops", ours, "ours"), x)
-        peak32 = matmul_peak(torch.float32)
-        peak16 = matmul_peak(torch.bfloat16)
-        print(f"\ntrain step: {flops / 1e9:.1f} GFLOP (torch.utils.flop_counter); matmul peak "
-              f"fp32 {peak32 / 1e9:.0f} GFLOP/s, bf16 {peak16 / 1e9:.0f} GFLOP/s "
-              f"({args.threads} threads)")
 
-    print(f"\n{'variant':36s} {'median s':>9s} {'min s':>7s} {'speed-up':>9s} {'(median)':>9s}"
-          + ("" if flops is None else f" {'GFLOP/s':>8s} {'% peak':>7s}"))
-    base_min = min(variants[0].times)
+def run_timed(variants, x, steps):
+    for i in range(steps):  # interleaved: one step of every variant per round
+        for v in (variants if i % 2 == 0 else variants[::-1]):
+            v.times.append(timed_step(v, x, measure_memory=(i == 0)))
+
+
+def quality_check(args, dm, ours, best16, device):
+    print(f"\nquality: {args.quality_steps} train steps from the same weights, same batches")
+    opt = dict(lr=args.lr, fused=args.fused_adam)
+    ref = Variant("diffusers fp32", dm, "diffusers", device, **opt) if dm is not None else \
+        Variant("ours fp32", ours, "ours", device, **opt)
+    fast = Variant(best16.name.replace(" compile", ""), ours, "ours", device, channels_last=best16.channels_last,
+                   bf16=True, **opt)
+    held = synthetic_images(args.batch, args.size, args.seed + 1000)
+    p0 = ref.psnr(held), fast.psnr(held)
+    for s in range(args.quality_steps):
+        xb = synthetic_images(args.batch, args.size, args.seed + 1 + s)
+        for v in (ref, fast):
+            torch.manual_seed(10_000 + s)  # same posterior noise for both
+            v.step(xb)
+    p1 = ref.psnr(held), fast.psnr(held)
+    d = p1[1] - p1[0]
+    print(f"  held-out PSNR before: {ref.name} {p0[0]:.2f} dB, {fast.name} {p0[1]:.2f} dB")
+    print(f"  held-out PSNR after:  {ref.name} {p1[0]:.2f} dB, {fast.name} {p1[1]:.2f} dB "
+          f"(delta {d:+.2f} dB; target |delta| <= 0.2: {'ok' if abs(d) <= 0.2 else 'MISSED'})", flush=True)
+
+
+def print_table(variants, args, flops, peaks):
+    base = variants[0]
+    base_min, base_med = min(base.times), statistics.median(base.times)
+    unit, scale = ("TFLOP/s", 1e12) if args.device == "cuda" else ("GFLOP/s", 1e9)
+    head = f"{'variant':34s} {'min s':>8s} {'median s':>9s} {'img/s':>8s} {'speed-up':>9s}"
+    if flops is not None:
+        head += f" {unit:>8s} {'% dtype peak':>12s} {'MFU (bf16)':>10s}"
+    if args.device == "cuda":
+        head += f" {'peak GiB':>9s}"
+    print(f"\n{head}")
     for v in variants:
-        med = statistics.median(v.times)
-        line = (f"{v.name:36s} {med:9.3f} {min(v.times):7.3f} {base_min / min(v.times):8.2f}x "
-                f"{base / med:8.2f}x")
+        fast, med = min(v.times), statistics.median(v.times)
+        line = f"{v.name:34s} {fast:8.4f} {med:9.4f} {args.batch / fast:8.1f} {base_min / fast:8.2f}x"
         if flops is not None:
-            peak = peak16 if v.bf16 else peak32
-            fast = min(v.times)
-            line += f" {flops / fast / 1e9:8.1f} {100 * flops / fast / peak:6.1f}%"
+            own = peaks["bf16"] if v.bf16 else peaks["fp32"]
+            line += f" {flops / fast / scale:8.1f} {100 * flops / fast / own:11.1f}% {100 * flops / fast / peaks['bf16']:9.1f}%"
+        if args.device == "cuda":
+            line += f" {v.peak_bytes / 2**30:9.2f}" if v.peak_bytes is not None else f" {'-':>9s}"
         print(line)
-    print("(speed-up = diffusers fp32 time / variant time from each variant's fastest step; "
-          "other processes only ever slow a step down, so the minimum is the robust estimate on "
-          "a shared machine; (median) for comparison. GFLOP/s and % of the fp32 or bf16 matmul "
-          "peak use the fastest step.)")
+    print(f"(speed-up = {base.name} time / variant time, fastest steps; other processes only ever slow a step "
+          f"down, so the minimum is the robust estimate on a shared machine (median {base_med:.4f} s for the "
+          "baseline). TFLOP/s, % of the same-dtype matmul peak and MFU (% of the bf16 matmul peak) use the "
+          "fastest step.)", flush=True)
 
-    def ratio(v):
-        return base_min / min(v.times)
 
-    fp32 = [v for v in variants if v.kind == "ours" and not v.bf16]
+def describe(args, device, ours, dm, why_no_diffusers):
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, {where}, batch {args.batch}x3x{args.size}x{args.size}, "
+          f"block_out_channels ({args.channels}), layers_per_block {args.layers}, "
+          f"Adam{' fused' if args.fused_adam else ''}", flush=True)
+    print(f"params: {sum(p.numel() for p in ours.parameters()) / 1e6:.1f} M", flush=True)
+    if dm is None:
+        print(f"no diffusers baseline: {why_no_diffusers}; speed-ups are against ours fp32", flush=True)
+    else:
+        import diffusers
+        print(f"diffusers {diffusers.__version__}", flush=True)
+
+
+def main(argv=None):
+    t_start = time.perf_counter()
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: CUDA is not available on this machine")
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    dm, ours, why = build_models(args)
+    describe(args, device, ours, dm, why)
+    variants = make_variants(args, dm, ours, device)
+    x = synthetic_images(args.batch, args.size, args.seed)
+    variants = warm_up(variants, x, args, t_start)
+    run_timed(variants, x, args.steps)
+
+    flops, peaks = None, {}
+    if not args.no_flops:
+        flops = count_flops(ours, x, device)
+        if device.type == "cuda":  # fp32 convs run as TF32 by default (cudnn.allow_tf32): measure matmul alike
+            tf32 = torch.backends.cuda.matmul.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32
+        peaks = {"fp32": matmul_peak(torch.float32, device), "bf16": matmul_peak(torch.bfloat16, device)}
+        if device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+        unit, scale = ("TFLOP/s", 1e12) if device.type == "cuda" else ("GFLOP/s", 1e9)
+        print(f"\ntrain step: {flops / 1e9:.1f} GFLOP (torch.utils.flop_counter); matmul peak "
+              f"fp32{' (TF32)' if device.type == 'cuda' and torch.backends.cudnn.allow_tf32 else ''} "
+              f"{peaks['fp32'] / scale:.1f} {unit}, bf16 {peaks['bf16'] / scale:.1f} {unit}", flush=True)
+
     bf16 = [v for v in variants if v.kind == "ours" and v.bf16]
-    r_plain = ratio(variants[1])
-    best32 = max(fp32, key=ratio)
-    best16 = max(bf16, key=ratio)
-    print(f"\nours fp32 vs diffusers fp32 (same graph): {r_plain:.2f}x "
-          f"({'ok' if r_plain >= 0.97 else 'SLOWER'}; target: never slower, 3% noise allowed)")
-    print(f"best fp32 ({best32.name}): {ratio(best32):.2f}x")
-    print(f"best bf16 ({best16.name}): {ratio(best16):.2f}x "
-          f"(target >= 1.4x: {'ok' if ratio(best16) >= 1.4 else 'MISSED'})", flush=True)
-
-    if args.quality_steps > 0:
-        print(f"\nquality: {args.quality_steps} train steps from the same weights, same batches")
-        ref = Variant("diffusers fp32", dm, "diffusers", **opt)
-        fast = Variant(best16.name, ours, "ours", channels_last=best16.channels_last, bf16=True,
-                       **opt)
-        held = synthetic_images(args.batch, args.size, args.seed + 1000)
-        p0 = ref.psnr(held), fast.psnr(held)
-        for s in range(args.quality_steps):
-            xb = synthetic_images(args.batch, args.size, args.seed + 1 + s)
-            for v in (ref, fast):
-                torch.manual_seed(10_000 + s)  # same posterior noise for both
-                v.step(xb)
-        p1 = ref.psnr(held), fast.psnr(held)
-        d = p1[1] - p1[0]
-        print(f"  held-out PSNR before: diffusers fp32 {p0[0]:.2f} dB, {fast.name} {p0[1]:.2f} dB")
-        print(f"  held-out PSNR after:  diffusers fp32 {p1[0]:.2f} dB, {fast.name} {p1[1]:.2f} dB "
-              f"(delta {d:+.2f} dB; target |delta| <= 0.2: {'ok' if abs(d) <= 0.2 else 'MISSED'})")
+    if args.quality_steps > 0 and bf16:
+        quality_check(args, dm, ours, min(bf16, key=lambda v: min(v.times)), device)
+    print_table(variants, args, flops, peaks)
+    print(f"total wall time {time.perf_counter() - t_start:.0f} s", flush=True)
     return 0
 
 

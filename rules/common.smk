@@ -6,17 +6,16 @@
 import json
 
 from snakemake.exceptions import WorkflowError
-from snakemake.utils import validate
 
 from vaeflow import config as vfconfig
 from vaeflow.dvcsync import sync_mtimes
 from vaeflow.layout import RESULTS, Layout
+from vaeflow.provenance import code_fingerprint
 
 try:
     VF = vfconfig.validate(config)  # one message naming the key path
 except (vfconfig.ConfigError, ValueError) as exc:
     raise WorkflowError(str(exc))
-validate(config, "../config/schema.yaml")
 # Stage commands read the config files themselves; --config overrides would not reach them.
 if vfconfig.load(workflow.configfiles) != VF:
     raise WorkflowError(
@@ -24,6 +23,8 @@ if vfconfig.load(workflow.configfiles) != VF:
         "put the change in a config file and pass it with --configfile"
     )
 
+# The package's source (vaeflow.provenance): in every rule's params, so a code edit reruns.
+CODE = code_fingerprint()
 CONFIG_ARGS = " ".join(str(p) for p in workflow.configfiles)
 STAGES = vfconfig.stage_names(VF)
 LAYOUT = Layout(RESULTS)

@@ -22,6 +22,7 @@ rule evaluate:
         runtime=30,
     params:
         config=CONFIG_ARGS,
+        code=CODE,
         evaluation=json.dumps([VF["seed"], VF["evaluation"]], sort_keys=True),
     shell:
         f"python scripts/evaluate.py --config {{params.config}} --results {RESULTS} "

@@ -24,6 +24,7 @@ rule prepare:
         runtime=60,
     params:
         config=CONFIG_ARGS,
+        code=CODE,
         data=vfconfig.fingerprint(VF["data"]),
     shell:
         f"python scripts/prepare.py --config {{params.config}} --results {RESULTS} > {{log}} 2>&1"

@@ -22,6 +22,8 @@ rule curves:
     resources:
         mem_mb=2000,
         runtime=10,
+    params:
+        code=CODE,
     shell:
         f"python scripts/curves.py --results {RESULTS} "
         "--stage {wildcards.stage} > {log} 2>&1"
@@ -58,5 +60,6 @@ rule summary:
         runtime=10,
     params:
         config=CONFIG_ARGS,
+        code=CODE,
     shell:
         f"python scripts/summary.py --config {{params.config}} --results {RESULTS} > {{log}} 2>&1"

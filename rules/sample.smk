@@ -21,6 +21,7 @@ rule sample:
         runtime=30,
     params:
         config=CONFIG_ARGS,
+        code=CODE,
         sampling=json.dumps([VF["seed"], VF["sampling"]], sort_keys=True),
     shell:
         f"python scripts/sample.py --config {{params.config}} --results {RESULTS} "

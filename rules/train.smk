@@ -1,6 +1,9 @@
 # One job per entry of training.pipeline.steps; each starts from the previous stage's
 # best.pt. Resume state lives in results/{stage}/running/, which is not a declared
 # output, so a killed job's rerun (--rerun-incomplete) continues where it stopped.
+from vaeflow.trainer.slurm import train_job_resources
+
+
 rule train:
     input:
         unpack(train_inputs),
@@ -14,13 +17,16 @@ rule train:
         str(LAYOUT.benchmark("train", "{stage}"))
     conda:
         "../envs/vaeflow.yaml"
-    threads: 2
+    threads: VF["training"]["cpu_threads"]
     resources:
         mem_mb=8000,
         runtime=240,
         gpu=0,
+        # nnodes > 1: nodes, tasks and the `mpi` resource (vaeflow.trainer.slurm)
+        **train_job_resources(VF["training"]["distributed"]["nnodes"]),
     params:
         config=CONFIG_ARGS,
+        code=CODE,
         stage=stage_params,
     shell:
         f"python scripts/train.py --config {{params.config}} --results {RESULTS} "

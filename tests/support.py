@@ -10,7 +10,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "tests" / "configs" / "tiny.yaml"
-WORKFLOW_PARTS = ["workflow", "rules", "scripts", "envs", "config", "profiles"]
+WORKFLOW_PARTS = ["workflow", "rules", "scripts", "envs", "config", "profiles", "src"]
 
 
 def tool_env(**extra) -> dict:
@@ -38,7 +38,9 @@ def make_project(dest: Path, config: Path = TINY) -> Path:
     for part in WORKFLOW_PARTS:
         src = REPO / part
         if src.exists():
-            shutil.copytree(src, dest / part, symlinks=False)  # dereference config/schema.yaml
+            # dereference config/schema.yaml; src/vaeflow is a dependency of every DVC stage
+            shutil.copytree(src, dest / part, symlinks=False, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     shutil.copy(config, dest / "config" / "config.yaml")
     shutil.copy(REPO / ".gitignore", dest / ".gitignore")
+    shutil.copy(REPO / ".dvcignore", dest / ".dvcignore")
     return dest

@@ -62,6 +62,17 @@ def kill_after_checkpoint(project: Path, stage: str, min_step: int) -> None:
     assert not (project / "results" / stage / "best.pt").exists()  # nothing published yet
 
 
+def kill_descendant(pid: int, marker: str) -> None:
+    """SIGKILL the descendants of `pid` whose command line contains `marker` (only this test's
+    processes: a pattern kill would also hit the same command run from another checkout)."""
+    import psutil
+
+    found = [p for p in psutil.Process(pid).children(recursive=True) if marker in " ".join(p.cmdline())]
+    assert found, f"no {marker} process under {pid}"
+    for p in found:
+        p.kill()
+
+
 def assert_same_tensors(a, b, where=""):
     if torch.is_tensor(a):
         assert torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b), where
@@ -119,7 +130,7 @@ def test_snakemake_rerun_incomplete_resumes(project):
     while not last.exists() and time.time() < deadline:
         time.sleep(0.05)
     assert last.exists()
-    subprocess.run(["pkill", "-KILL", "-f", "scripts/train.py --config config/config.yaml --results results --stage vae_warmup"])
+    kill_descendant(smk.pid, "scripts/train.py")
     assert smk.wait(timeout=120) != 0
     assert last.exists()  # survived Snakemake's cleanup of the failed job's outputs
     run(["snakemake", "--cores", "1", "--rerun-incomplete", "results/vae_warmup/best.pt"], project)

@@ -19,7 +19,8 @@ def test_slurm_profile_keys():
     for key in ("slurm_partition", "runtime", "mem_mb"):
         assert key in p["default-resources"], key
     train = p["set-resources"]["train"]
-    assert train.get("gpu") or "gpu" in str(train.get("gres", ""))
+    # GPUs per node (--gres): `gpu` (--gpus, a job total) breaks multi-node jobs (--gpus < --nodes)
+    assert "gpu" in str(train.get("gres", "")) and "gpu" not in train
     assert isinstance(train["cpus_per_task"], int)
     # no slurmdbd needed: squeue, with MinJobAge >= 3 x this wait (60 s <= SLURM's default 300 s)
     assert p["slurm-status-command"] == "squeue"
@@ -56,5 +57,5 @@ def test_dry_run_with_both_profiles(tmp_path):
     assert res.returncode == 0, out
     assert "workflow specific profile profiles/default" in out
     train = out[out.index("rule train:") :].split("\n\n")[0]
-    for want in ("gpu=1", "cpus_per_task=2", "runtime=720", "slurm_partition=debug"):
+    for want in ("gres=gpu:1", "cpus_per_task=2", "runtime=720", "slurm_partition=debug"):
         assert want in train, train

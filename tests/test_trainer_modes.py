@@ -134,9 +134,15 @@ def test_beta_tcvae_and_free_bits_and_focal(tmp_path, data_dir):
     assert train[0]["beta"] < train[-1]["beta"] == pytest.approx(1e-3)
 
 
-def test_amp_on_cpu_says_it_is_off(tmp_path, data_dir, capsys):
+def test_amp_on_cpu_is_bf16_only_where_the_cpu_has_it(tmp_path, data_dir, capsys):
+    from vaeflow.trainer.precision import cpu_features
+
     one_stage(tmp_path, data_dir, use_amp=True)
-    assert "use_amp: AMP is off on cpu; training in fp32" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    if cpu_features().native_bf16:
+        assert "Precision: bf16 autocast on cpu (use_amp: true" in out
+    else:
+        assert "Precision: fp32 on cpu (use_amp: true: this CPU has neither avx512_bf16 nor amx_bf16" in out
 
 
 def test_validate_prints_the_pipeline_summary():

@@ -9,9 +9,10 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # torch is imported lazily (torch-free jobs use atomic_write)
+    import torch
 
 FORMAT = "vaeflow-checkpoint/1"
 
@@ -45,6 +46,8 @@ def atomic_write(path: str | Path, write) -> None:
 
 
 def save(obj: dict[str, Any], path: str | Path) -> None:
+    import torch  # here, not at the top: atomic_write serves torch-free jobs (curves, summary)
+
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
@@ -52,10 +55,13 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path}: file not found")
+    import torch
+
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # truncated, not a torch file, or unsafe content
-        raise CheckpointError(f"checkpoint {path}: cannot be read ({type(exc).__name__}: {exc})") from None
+        first = (str(exc).strip().splitlines() or [""])[0]  # torch's messages run to many lines
+        raise CheckpointError(f"checkpoint {path}: cannot be read ({type(exc).__name__}: {first})") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint {path}: expected a dict, got {type(obj).__name__}")
     return obj

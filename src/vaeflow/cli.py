@@ -19,13 +19,18 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from vaeflow.config import ConfigError
     from vaeflow.data import DataError
     from vaeflow.losses import PerceptualWeightsMissing
+    from vaeflow.provenance import ProvenanceError
     from vaeflow.sample import SampleError
+    from vaeflow.trainer.guard import NonFiniteError
+    from vaeflow.trainer.slurm import LaunchError
 
-    return (ConfigError, DataError, CheckpointError, PerceptualWeightsMissing, SampleError, FileNotFoundError,
-            CollectiveError)
+    return (ConfigError, DataError, CheckpointError, PerceptualWeightsMissing, SampleError, ProvenanceError,
+            FileNotFoundError, NonFiniteError, CollectiveError,
+            LaunchError)
 
 
 def _load_config(args):
+    """The validated config, with the checks that need the model code (vaeflow.preflight)."""
     from vaeflow import config as cfg
     from vaeflow.preflight import check_code_level
 
@@ -73,6 +78,7 @@ def cmd_prepare(args) -> int:
 
 def cmd_train(args) -> int:
     import os
+    import shlex
 
     from vaeflow.trainer import run_stage
 
@@ -80,12 +86,38 @@ def cmd_train(args) -> int:
     dcfg = config["training"]["distributed"]
     if dcfg["nproc_per_node"] * dcfg["nnodes"] > 1 and "WORLD_SIZE" not in os.environ:
         # Relaunch this very command under torchrun: one process per device (trainer/launch.py).
-        from vaeflow.trainer.launch import launch
+        from vaeflow.trainer.launch import ENDPOINT_ENV, launch
 
         worker = ["train", "--config", *args.config, "--results", args.results, "--stage", args.stage]
+        if dcfg["nnodes"] > 1 and not (args.rdzv_endpoint or os.environ.get(ENDPOINT_ENV)):
+            # A SLURM job's batch script: one `vaeflow train` per node through srun, each told the
+            # rendezvous (trainer/slurm.py); outside SLURM, one message with the per-machine command.
+            from vaeflow.trainer.slurm import multinode_command
+
+            cmd = multinode_command(dcfg["nnodes"], dcfg["nproc_per_node"], ["-m", "vaeflow.cli", *worker])
+            print("vaeflow: " + shlex.join(cmd), flush=True)
+            os.execvp(cmd[0], cmd)
         return launch(worker, dcfg, args.rdzv_endpoint, args.rdzv_id, source=", ".join(args.config))
+    import torch
+
+    # The thread count changes float reduction order: the config fixes it, not the runner's env.
+    torch.set_num_threads(max(1, config["training"]["cpu_threads"] // dcfg["nproc_per_node"]))
     run_stage(config, args.stage, args.results)
     return 0
+
+
+def _eval_device(config: dict | None):
+    """`evaluation.device`, or `training.device` when null ("auto": cuda, then mps, then cpu);
+    evaluation and sampling run there."""
+    from vaeflow.config import ConfigError
+    from vaeflow.trainer.device import resolve_device
+
+    name = "auto" if config is None else (config["evaluation"].get("device") or config["training"]["device"])
+    try:
+        return resolve_device(name)
+    except RuntimeError:
+        key = "evaluation.device" if config and config["evaluation"].get("device") else "training.device"
+        raise ConfigError(key, f"{name!r} but CUDA is not available on this machine") from None
 
 
 def cmd_evaluate(args) -> int:
@@ -94,17 +126,21 @@ def cmd_evaluate(args) -> int:
 
     config = _load_config(args)
     stage_index(config, args.stage)
+    device = _eval_device(config)
     from vaeflow.data import check_prepared
 
     layout = Layout(args.results)
     check_prepared(config["data"], layout.data)
     ecfg = config["evaluation"]
     stage = layout.stage(args.stage)
-    metrics = evaluate_checkpoint(stage.checkpoint(ecfg["checkpoint"]), layout.data, eval_cfg=ecfg, seed=config["seed"])
+    metrics = evaluate_checkpoint(stage.checkpoint(ecfg["checkpoint"]), layout.data, eval_cfg=ecfg, seed=config["seed"], device=device)
+    from vaeflow.provenance import record
+
+    metrics["provenance"] = record()
     write_metrics(metrics, stage.eval_metrics)
-    lp = metrics["lpips"]
-    if not lp.get("available"):
-        print(f"LPIPS unavailable (recorded as such): {lp.get('reason')}")
+    for key, name in (("lpips", "LPIPS"), ("rfid", "rFID")):
+        if not metrics[key].get("available"):
+            print(f"{name} unavailable (recorded as such): {metrics[key].get('reason')}")
     print(summary_line(args.stage, metrics))
     return 0
 
@@ -129,7 +165,7 @@ def cmd_sample(args) -> int:
         stage = latest_run(args.results)
         print(f"--stage not given: using the most recently updated stage, {stage}")
     sample_run(args.results, stage, checkpoint, samples, data_dir=args.data_dir, seed=seed,
-               sampling_cfg=scfg, log=print)
+               sampling_cfg=scfg, log=print, device=_eval_device(config if args.config else None))
     return 0
 
 
@@ -142,11 +178,10 @@ def cmd_curves(args) -> int:
 
 
 def cmd_summary(args) -> int:
-    from vaeflow.config import stage_names
-    from vaeflow.evaluate import iter_stage_metrics
-    from vaeflow.report import write_summary
+    from vaeflow.config import load, stage_names
+    from vaeflow.report import iter_stage_metrics, write_summary
 
-    config = _load_config(args)
+    config = load(args.config)  # no code-level check: this job reads JSON, it needs no torch
     stages = stage_names(config)
     metrics = iter_stage_metrics(args.results, stages)
     missing = [s for s in stages if s not in metrics]
@@ -158,9 +193,10 @@ def cmd_summary(args) -> int:
 
 
 def cmd_dvc_yaml(args) -> int:
+    from vaeflow.config import load
     from vaeflow.dvcgen import render_dvc_yaml
 
-    config = _load_config(args)
+    config = load(args.config)  # schema + semantics; the stages themselves run the code-level check
     text = render_dvc_yaml(config, args.config)
     out = Path(args.out)
     if args.check:
@@ -189,6 +225,14 @@ def cmd_export_diffusers(args) -> int:
 
     export_diffusers(args.checkpoint, args.out_dir)
     print(f"wrote {args.out_dir}")
+    return 0
+
+
+def cmd_provenance(args) -> int:
+    from vaeflow.provenance import describe, read
+
+    for path in args.files:
+        print(f"{path}\n" + "\n".join("  " + line for line in describe(read(path)).splitlines()))
     return 0
 
 
@@ -243,6 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("checkpoint")
     sp.add_argument("out_dir")
     sp.set_defaults(func=cmd_export_diffusers)
+    sp = sub.add_parser("provenance", help="the code fingerprint, git commit and tool versions that made a checkpoint or metrics.json")
+    sp.add_argument("files", nargs="+")
+    sp.set_defaults(func=cmd_provenance)
     return p
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable
@@ -38,6 +39,9 @@ STEP_DEFAULTS: dict[str, Any] = {
     "adaptive_weight": True,
     "adaptive_weight_max": 1.0e4,
     "disc_start": 0,
+    "gan_start": None,
+    "lambda_lecam": 0.0,
+    "disc_lr_mult": 1.0,
     "r1_gamma": 0.0,
     "freeze": [],
     "unfreeze": [],
@@ -52,7 +56,7 @@ STEP_DEFAULTS: dict[str, Any] = {
     "max_steps": None,
     "grad_accum_steps": 1,
     "grad_clip": None,
-    "use_amp": False,
+    "use_amp": "auto",  # vaeflow.trainer.precision: bf16 where it is fast, else fp32
     "amp_dtype": "bf16",
     "allow_microbatching": True,
 }
@@ -73,9 +77,18 @@ class ConfigError(ValueError):
         super().__init__(f"config error in {where}{path or '<root>'}: {message}")
 
 
+def safe_load(text: str):
+    """yaml.safe_load, with libyaml's C parser when PyYAML has it (same safe constructor, ~6x faster)."""
+    return yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+
+
+@lru_cache(maxsize=1)
+def _schema() -> dict:
+    return safe_load(resources.files("vaeflow").joinpath("resources", SCHEMA_FILE).read_text())
+
+
 def schema() -> dict:
-    text = resources.files("vaeflow").joinpath("resources", SCHEMA_FILE).read_text()
-    return yaml.safe_load(text)
+    return copy.deepcopy(_schema())  # parsed once per process
 
 
 def schema_path() -> Path:
@@ -89,7 +102,7 @@ def load_yaml(path: str | Path) -> dict:
     except FileNotFoundError:
         raise ConfigError("", "file not found", source=str(path)) from None
     try:
-        data = yaml.safe_load(text)
+        data = safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError("", f"not valid YAML ({exc})", source=str(path)) from None
     if not isinstance(data, dict):
@@ -217,6 +230,9 @@ def _check_semantics(config: dict, source: str | None) -> None:
                 f"steps[{i}] uses an R1 penalty (r1_gamma), which BatchNorm breaks: use group, instance or none",
                 source,
             )
+        if step["gan_start"] is not None and step["gan_start"] < step["disc_start"]:
+            raise ConfigError(f"{where}.gan_start", f"must be >= disc_start ({step['disc_start']}): "
+                              "the generator would meet a discriminator that does not train yet", source)
         trans = step["transition_on"]
         if trans.get("mode", "epoch") == "loss_threshold":
             for key in ("metric", "threshold", "max_epochs"):
@@ -244,6 +260,9 @@ def _check_semantics(config: dict, source: str | None) -> None:
     if d0 == d1:
         raise ConfigError("sampling.latent_dims", f"needs two different dimensions, got {[d0, d1]}", source)
     _check_data(config["data"], source)
+    for split, why in (("val", "training keeps best.pt by validation loss"), ("test", "evaluate scores the test split")):
+        if config["data"]["split"][split] <= 0:  # 0 is for library calls (prepare_dataset) only
+            raise ConfigError(f"data.split.{split}", f"must be > 0 in a pipeline config ({why}), got {config['data']['split'][split]}", source)
 
 
 def model_family(model_type: str) -> str:

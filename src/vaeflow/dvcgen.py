@@ -13,6 +13,7 @@ import yaml
 
 from vaeflow.config import ConfigError, load_yaml, logged_metrics, model_family, resolve_steps, stage_names
 from vaeflow.layout import RESULTS, Layout
+from vaeflow.provenance import CODE_DIR
 
 HEADER = "# Generated from the config by `vaeflow dvc-yaml --config {cfg}`: do not edit by hand.\n"
 LAYOUT = Layout(RESULTS)
@@ -108,6 +109,7 @@ def render_dvc_yaml(config: dict, config_paths: list[str] | str) -> str:
         "outs": [str(p) for p in LAYOUT.summary_files()],
     }
     for st in stages.values():  # DVC rejects an empty params list
+        st["deps"].insert(1, CODE_DIR)  # the package's source: an edit reruns (vaeflow.provenance)
         st["params"] = [p for p in st.get("params", []) if next(iter(p.values()))]
         if not st["params"]:
             del st["params"]

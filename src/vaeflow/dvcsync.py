@@ -15,7 +15,9 @@ import os
 import subprocess
 from pathlib import Path
 
-import yaml
+from vaeflow.config import safe_load
+
+from vaeflow.provenance import CODE_DIR
 
 
 def _unchanged_stages(root: Path, names: list[str]) -> set[str]:
@@ -56,7 +58,7 @@ def sync_mtimes(root: Path = Path(".")) -> list[Path]:
     lock = root / "dvc.lock"
     if not lock.is_file():
         return []
-    stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+    stages = (safe_load(lock.read_text()) or {}).get("stages", {})
     order = _order(stages)
     if not any(_inverted(root, stages[name]) for name in order):
         return []
@@ -75,7 +77,9 @@ def sync_mtimes(root: Path = Path(".")) -> list[Path]:
 
 
 def _newest_dep(root: Path, stage: dict) -> float:
-    return max((_mtime(root / d["path"]) for d in stage.get("deps", []) if (root / d["path"]).exists()), default=0.0)
+    """Newest mtime among the deps Snakemake compares (not the code: its rules fingerprint it)."""
+    deps = [root / d["path"] for d in stage.get("deps", []) if d["path"] != CODE_DIR]
+    return max((_mtime(p) for p in deps if p.exists()), default=0.0)
 
 
 def _inverted(root: Path, stage: dict) -> bool:

@@ -65,6 +65,9 @@ def ssim_window_size(height: int, width: int, win_size: int = 11) -> int:
     return size if size % 2 else size - 1
 
 
+SSIM_CHUNK = 1 << 16  # values per SSIM pass: float64 grouped convs need ~0.4 kB of temporaries per value
+
+
 def ssim_per_image(
     x: torch.Tensor,
     y: torch.Tensor,
@@ -90,14 +93,19 @@ def ssim_per_image(
         return per_slice.view(b, d).mean(1)
     if x.dim() != 4:
         raise ValueError(f"ssim: expected [B, C, H, W], got {tuple(x.shape)}")
-    x, y = x.double(), y.double()
     b, c, h, w = x.shape
+    n = max(1, SSIM_CHUNK // (c * h * w))  # images per pass: bounds the float64 temporaries
+    if b > n:
+        return torch.cat([ssim_per_image(x[i:i + n], y[i:i + n], data_range, win_size, sigma, k1, k2)
+                          for i in range(0, b, n)])
+    x, y = x.double(), y.double()
     size = ssim_window_size(h, w, win_size)
     g = gaussian_window(size, sigma).to(x.device)
-    kernel = (g[:, None] * g[None, :]).expand(c, 1, size, size).contiguous()
+    kh = g.view(1, 1, size, 1).expand(c, 1, size, 1).contiguous()
+    kw = g.view(1, 1, 1, size).expand(c, 1, 1, size).contiguous()
 
-    def filt(t):
-        return F.conv2d(t, kernel, groups=c)
+    def filt(t):  # the 2D Gaussian as two 1D passes (separable: same result, a fraction of the memory)
+        return F.conv2d(F.conv2d(t, kh, groups=c), kw, groups=c)
 
     mu_x, mu_y = filt(x), filt(y)
     sxx = filt(x * x) - mu_x**2
@@ -239,7 +247,8 @@ def elbo_and_iw_nll(
       iw_nll     = -(logsumexp_i log w_i - log k)           (-> -log p(x) as k grows)
       neg_elbo_mc = -mean_i log w_i                          (the same samples' ELBO: iw_nll <= it)
 
-    Samples are drawn in chunks of `chunk` to bound memory.
+    Samples are drawn in chunks of `chunk` to bound memory, on the generator's device (a CPU
+    generator gives the same draws whatever device the model is on).
     """
     mean, logvar = mean.double(), logvar.double()
     std = (0.5 * logvar).exp()
@@ -250,7 +259,8 @@ def elbo_and_iw_nll(
     done = 0
     while done < k:
         n = min(chunk, k - done)
-        eps = torch.randn((n, *mean.shape), generator=generator, dtype=torch.float64, device=mean.device)
+        eps = torch.randn((n, *mean.shape), generator=generator, dtype=torch.float64,
+                          device=generator.device if generator is not None else mean.device).to(mean.device)
         z = mean[None] + std[None] * eps  # [n, B, *latent]
         z_flat = z.flatten(0, 1)
         m_flat = mean[None].expand_as(z).flatten(0, 1)

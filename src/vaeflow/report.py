@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Iterable
 
 import pandas as pd
 
@@ -115,7 +116,7 @@ def stage_curves(results: str | Path, stage: str) -> list[Path]:
 SUMMARY_COLUMNS = [
     ("stage", "stage"), ("epoch", "epoch"), ("global_step", "global_step"), ("weights", "weights"),
     ("test_images", "test_images"), ("mse", "mse"), ("l1", "l1"), ("psnr", "psnr"), ("ssim", "ssim"),
-    ("lpips.value", "lpips"), ("nll.neg_elbo_nats", "neg_elbo_nats"), ("nll.neg_elbo_bpd", "neg_elbo_bpd"),
+    ("lpips.value", "lpips"), ("rfid.value", "rfid"), ("rfid.protocol.images", "rfid_images"), ("nll.neg_elbo_nats", "neg_elbo_nats"), ("nll.neg_elbo_bpd", "neg_elbo_bpd"),
     ("nll.iw_nll_nats", "iw_nll_nats"), ("nll.iw_nll_bpd", "iw_nll_bpd"), ("nll.iw_samples", "iw_k"),
     ("nll.kl_nats", "kl_nats"), ("nll.likelihood.kind", "likelihood"), ("nll.likelihood.sigma", "sigma"),
     ("active_units.count", "active_units"), ("latent_dims", "latent_dims"), ("codebook.usage", "codebook_usage"),
@@ -140,17 +141,23 @@ def summary_table(metrics: dict[str, dict]) -> pd.DataFrame:
         row["stage"] = stage
         rows.append(row)
     df = pd.DataFrame(rows, columns=[name for _, name in SUMMARY_COLUMNS])
-    keep = {"stage", "mse", "psnr", "ssim", "lpips"}  # lpips stays even when no stage could compute it
+    keep = {"stage", "mse", "psnr", "ssim", "lpips", "rfid"}  # these stay even when no stage could compute them
     return df[[c for c in df.columns if c in keep or df[c].notna().any()]]
 
 
 def _display(df: pd.DataFrame, metrics: dict[str, dict]) -> pd.DataFrame:
-    """Cells as text for Markdown/HTML; LPIPS that was not computed (no weights) reads "n/a"."""
+    """Cells as text for Markdown/HTML: LPIPS / rFID that were not computed (no weights) read
+    "n/a"; numbers from test-only random weights are marked "(not comparable)"."""
     out = df.astype(object).map(_cell)
-    if "lpips" in out.columns:
+    for col in ("lpips", "rfid"):
+        if col not in out.columns:
+            continue
         for i, stage in enumerate(df["stage"]):
-            if (metrics[stage].get("lpips") or {}).get("available") is False:
-                out.loc[i, "lpips"] = "n/a"
+            sec = metrics[stage].get(col) or {}
+            if sec.get("available") is False:
+                out.loc[i, col] = "n/a"
+            elif sec.get("comparable") is False:
+                out.loc[i, col] += " (not comparable)"
     return out
 
 
@@ -176,7 +183,10 @@ def to_markdown(df: pd.DataFrame) -> str:
 NOTES = [
     "Test split, EMA weights; reconstructions from the posterior mode (KL) or the quantized code (VQ).",
     "neg_elbo / iw_nll: nats per image (bpd: bits per dimension) under the stated likelihood; iw_k importance samples.",
-    "lpips n/a: the LPIPS backbone weights were not on disk (never computed with a random backbone); empty in the CSV.",
+    "lpips / rfid n/a: their weights (torchvision's backbone; torch-fidelity's InceptionV3) were not on disk: never "
+    "computed with random weights (the test-only opt-ins mark such numbers not comparable); empty in the CSV.",
+    "rfid: Fréchet Inception distance between the first rfid_images test images and their reconstructions "
+    "(protocol in each stage's metrics.json under rfid.protocol).",
     "PCA: the same number of components as latent dimensions, fit on the train split.",
 ]
 
@@ -198,3 +208,13 @@ def write_summary(metrics: dict[str, dict], csv: str | Path, md: str | Path, htm
         )
         atomic_write(html, lambda f: f.write(page.encode()))
     return df
+
+
+def iter_stage_metrics(results: str | Path, stages: Iterable[str]) -> dict[str, dict]:
+    """{stage: metrics.json contents} for the stages that have one."""
+    out = {}
+    for s in stages:
+        p = StageLayout(results, s).eval_metrics
+        if p.exists():
+            out[s] = json.loads(p.read_text())
+    return out

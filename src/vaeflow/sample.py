@@ -21,11 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torchvision.utils import make_grid
 
 from vaeflow.checkpoint import atomic_write
 from vaeflow.config import schema_defaults
 from vaeflow.layout import MANIFEST, Layout, StageLayout
+from vaeflow.grid import make_grid, to_uint8
 from vaeflow.metrics import to_model_range as _to_model_range
 from vaeflow.metrics import to_unit as _to_unit
 from vaeflow.models.loading import load_autoencoder
@@ -209,7 +209,7 @@ def save_grid(grid: Grid, path: str | Path, title: str = "") -> Path:
     if scale > 1:
         tiles = torch.nn.functional.interpolate(tiles, scale_factor=scale, mode="nearest")
     img = make_grid(tiles, nrow=grid.nrow, padding=2)
-    arr = img.mul(255).add_(0.5).clamp_(0, 255).permute(1, 2, 0).to(torch.uint8).numpy()
+    arr = to_uint8(img)
     info = PngInfo()
     info.add_text("Title", title)
     info.add_text("Description", grid.description)
@@ -227,9 +227,9 @@ def _images(ds, n: int, offset: int = 0) -> torch.Tensor:
 
 @torch.no_grad()
 def sample_run(checkpoints_root, run_name=None, checkpoint="best", samples=64, data_dir=None, seed=0,
-               sampling_cfg: dict | None = None, log=None) -> list[Path]:
+               sampling_cfg: dict | None = None, log=None, device: str | torch.device = "cpu") -> list[Path]:
     """Every strategy for `run_name` (default: the most recently updated run), for the `best`,
-    `last` or `both` checkpoints; PNGs and a JSON note under <run>/samples/."""
+    `last` or `both` checkpoints, with the model on `device`; PNGs and a JSON note under <run>/samples/."""
     from vaeflow.data import PreparedDataset
 
     cfg = {**schema_defaults("sampling"), **(sampling_cfg or {})}
@@ -251,7 +251,7 @@ def sample_run(checkpoints_root, run_name=None, checkpoint="best", samples=64, d
     written = []
     for label in labels:
         ckpt_path = stage_dir.checkpoint(label)
-        model, state = load_autoencoder(ckpt_path)
+        model, state = load_autoencoder(ckpt_path, device=device)
         x = _images(ds, samples)
         family = model_family(model, x)
         g = torch.Generator().manual_seed(seed)

@@ -91,7 +91,7 @@ def test_mixed_sizes(tmp_path):
         prepare_dataset(cfg(root, image_size=None, split={"val": 0, "test": 0}), tmp_path / "out")
     m = prepare_dataset(cfg(root, image_size=None, skip_bad=True, split={"val": 0, "test": 0}), tmp_path / "out")
     assert m["counts"]["train"] == 3 and m["skipped"]["files"][0]["file"] == "zodd.png"
-    m = prepare_dataset(cfg(root), tmp_path / "out")  # with image_size every image is resized
+    m = prepare_dataset(cfg(root, split={"val": 0.25, "test": 0.25}), tmp_path / "out")  # with image_size every image is resized
     assert sum(m["counts"].values()) == 4
 
 

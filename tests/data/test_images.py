@@ -106,9 +106,11 @@ def test_celeba_layout_crop_and_fallback(tmp_path):
     x = PreparedDataset(tmp_path / "o", "train")[0]
     assert abs(x[0].mean().item() - 200 / 255) < 0.02  # black borders were cropped away
     # data.root pointing at the image folder itself also works
-    m2 = prepare_dataset({"dataset": "celeba", "root": str(faces), "image_size": 16}, tmp_path / "o2")
+    m2 = prepare_dataset({"dataset": "celeba", "root": str(faces), "image_size": 16,
+                          "split": {"val": 0.2, "test": 0.2}}, tmp_path / "o2")
     assert sum(m2["counts"].values()) == 5
-    m3 = prepare_dataset({"dataset": "celeba", "root": str(root), "limit": 2}, tmp_path / "o3")
+    m3 = prepare_dataset({"dataset": "celeba", "root": str(root), "limit": 2, "split": {"val": 0, "test": 0}},
+                         tmp_path / "o3")
     assert m3["item_shape"] == [3, 178, 178] and sum(m3["counts"].values()) == 2
 
 

@@ -129,3 +129,16 @@ def kl_run(prepared) -> Path:
         model = build_model(cfg["model"])
     save_checkpoint(prepared, "vae_warmup", model, cfg)
     return prepared
+
+
+@pytest.fixture(scope="session")
+def random_inception(tmp_path_factory) -> Path:
+    """An UNTRAINED InceptionV3 in torch-fidelity's layout (torchvision's inception_v3 with
+    1008 classes has the same keys), for exercising the rFID code path only."""
+    import torchvision
+
+    path = tmp_path_factory.mktemp("inception") / "random-inception.pth"
+    torch.manual_seed(0)
+    net = torchvision.models.inception_v3(weights=None, aux_logits=False, num_classes=1008, init_weights=False)
+    torch.save(net.state_dict(), path)
+    return path

@@ -37,6 +37,9 @@ def test_checkpoint_metrics_kl_model(kl_run):
     assert m["codebook"]["available"] is False
     assert 0 <= m["active_units"]["count"] <= 32 and m["active_units"]["threshold"] == 0.01
     assert m["pca"]["components"] == 32 and "ssim" in m["pca"] and isinstance(m["beats_pca"], bool)
+    assert m["pca"]["fit_images"] == m["pca"]["of_images"] == 1437 and m["pca"]["method"] == "exact SVD"
+    assert m["rfid"]["available"] is False and "weights-inception-2015-12-05-6726825d.pth" in m["rfid"]["reason"]
+    assert m["device"] == "cpu"
 
 
 def test_fixed_sigma_and_continuous_gaussian(kl_run):
@@ -135,7 +138,7 @@ def test_lpips_recorded_when_available(kl_run, monkeypatch):
         assert a.min() >= -1 and a.max() <= 1
         return (a - b).abs().mean((1, 2, 3), keepdim=True)
 
-    monkeypatch.setattr(E, "lpips_scorer", lambda net: (E._lpips_per_image(fake_module), {"available": True, "net": net}))
+    monkeypatch.setattr(E, "lpips_scorer", lambda net, **kw: (E._lpips_per_image(fake_module), {"available": True, "net": net}))
     m = E.evaluate_checkpoint(kl_run / "vae_warmup" / "best.pt", kl_run / "data", eval_cfg={"iw_samples": 1})
     assert m["lpips"]["available"] is True and m["lpips"]["value"] > 0
     assert seen[0][1:] == (3, 64, 64)  # 8x8 grayscale: repeated to RGB, enlarged to 64
@@ -161,7 +164,8 @@ def test_cli_evaluate_writes_metrics(kl_run, tmp_path, capsys):
     cfg_path.write_text(yaml.safe_dump(cfg))
     assert main(["evaluate", "--config", str(cfg_path), "--results", str(kl_run), "--stage", "vae_warmup"]) == 0
     out = capsys.readouterr().out
-    assert "LPIPS unavailable" in out and "IW-NLL(k=4)" in out and "PCA with 32 components" in out
+    assert "LPIPS unavailable" in out and "rFID unavailable" in out and "IW-NLL(k=4)" in out and "PCA with 32 components" in out
+    assert "LPIPS n/a, rFID n/a)" in out
     m = json.loads((kl_run / "vae_warmup" / "eval" / "metrics.json").read_text())
     assert m["nll"]["iw_samples"] == 4
 

@@ -45,11 +45,13 @@ def test_curves_png_and_tables(tmp_path):
 def test_summary_across_stages(tmp_path):
     kl = {"stage": "a", "epoch": 3, "global_step": 30, "weights": "ema", "test_images": 10, "mse": 0.01, "l1": 0.05,
           "psnr": 20.0, "ssim": 0.9, "lpips": {"available": False, "reason": "no weights"}, "latent_dims": 16,
+          "rfid": {"available": False, "reason": "no weights"},
           "nll": {"neg_elbo_nats": 100.0, "neg_elbo_bpd": 0.2, "iw_nll_nats": 95.0, "iw_nll_bpd": 0.19, "iw_samples": 64,
                   "kl_nats": 10.0, "likelihood": {"kind": "bernoulli"}},
           "active_units": {"count": 12}, "codebook": {"available": False}, "pca": {"mse": 0.02, "psnr": 17.0, "ssim": 0.8},
           "beats_pca": True}
     vq = {"stage": "b", "mse": 0.02, "psnr": 17.0, "ssim": 0.8, "lpips": {"available": True, "value": 0.123},
+          "rfid": {"available": True, "comparable": False, "value": 12.5, "protocol": {"images": 500}},
           "nll": {"available": False}, "active_units": {"count": 30}, "latent_dims": 32,
           "codebook": {"usage": 0.5, "perplexity": 40.2}, "pca": {"mse": 0.01, "psnr": 20.0}, "beats_pca": False}
     df = R.write_summary({"a": kl, "b": vq}, tmp_path / "s.csv", tmp_path / "s.md", tmp_path / "s.html")
@@ -60,7 +62,9 @@ def test_summary_across_stages(tmp_path):
     assert pd.isna(row.loc["b", "iw_nll_nats"]) and row.loc["b", "codebook_perplexity"] == 40.2
     md = (tmp_path / "s.md").read_text()
     assert "| stage | epoch |" in md and "| a | 3 | 30 | ema |" in md and "| yes |" in md
-    assert "| 0.9 | n/a | 100 |" in md and "| 0.8 | 0.123 |" in md  # LPIPS without weights: n/a, not a number
+    assert "| 0.9 | n/a | n/a |  | 100 |" in md  # LPIPS / rFID without weights: n/a, not a number
+    assert "| 0.8 | 0.123 | 12.5 (not comparable) | 500 |" in md  # test-only weights: marked
+    assert row.loc["b", "rfid"] == 12.5 and row.loc["b", "rfid_images"] == 500 and pd.isna(row.loc["a", "rfid"])
     html = (tmp_path / "s.html").read_text()
     assert "<table" in html and "95" in html and "Evaluation summary" in html
 

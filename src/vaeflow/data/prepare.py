@@ -24,6 +24,7 @@ from vaeflow.layout import DATA_FILES, MANIFEST, SPLITS, split_file
 
 from .errors import DataError
 from .sources import get_source
+from .splitcheck import check_split_counts
 from .sources.base import Record
 
 MANIFEST_FORMAT = "vaeflow.prepared/1"
@@ -162,6 +163,7 @@ def prepare_dataset(data_cfg: dict, out_dir: str | Path) -> dict:
     if not records:
         raise DataError(f"dataset '{cfg['dataset']}': no items to prepare")
     splits = split_records(records, cfg["split"]["val"], cfg["split"]["test"], cfg["split_seed"])
+    n_groups = len({r.group for r in records})  # an empty split is refused before the swap-in
 
     dtype = np.dtype(cfg["dtype"])
     scale = int(np.iinfo(dtype).max)
@@ -207,6 +209,7 @@ def prepare_dataset(data_cfg: dict, out_dir: str | Path) -> dict:
             raise DataError(f"dataset '{cfg['dataset']}': every item was bad ({n_skipped} skipped); nothing to prepare")
         shapes = {split: writers[split].close(item_shape) for split in SPLITS}
         counts = {split: shapes[split][0] for split in SPLITS}
+        check_split_counts(counts, n_groups, cfg, skipped=n_skipped)
 
         manifest = {
             "format": MANIFEST_FORMAT,

@@ -2,12 +2,14 @@
 
 from vaeflow.losses.adversarial import AdversarialLoss, adaptive_weight, hinge_d_loss, r1_penalty
 from vaeflow.losses.kl import KLLoss, total_correlation
+from vaeflow.losses.lecam import LeCAM
 from vaeflow.losses.perceptual import PerceptualLoss, PerceptualWeightsMissing, lpips_weights_path
 from vaeflow.losses.recon import ReconstructionLoss
 
 __all__ = [
     "AdversarialLoss",
     "KLLoss",
+    "LeCAM",
     "PerceptualLoss",
     "PerceptualWeightsMissing",
     "ReconstructionLoss",

@@ -37,8 +37,16 @@ class KLLoss(nn.Module):
         return self.kl_beta
 
     def forward(self, mean: torch.Tensor, logvar: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (kl for the loss, with free bits applied; raw kl for logging), both per image."""
-        kl = kl_elements(mean.float(), logvar.float())
+        """Returns (kl for the loss, with free bits applied; raw kl for logging), both per image.
+
+        fp32 whatever the autocast state: exp(logvar) and sums over many latents overflow
+        or lose the small terms in fp16/bf16.
+        """
+        with torch.autocast(device_type=mean.device.type, enabled=False):
+            return self._forward_fp32(mean.float(), logvar.float())
+
+    def _forward_fp32(self, mean: torch.Tensor, logvar: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        kl = kl_elements(mean, logvar)
         raw = kl.flatten(1).sum(1).mean()
         if self.free_bits <= 0:
             return raw, raw.detach()

@@ -1,13 +1,19 @@
-"""LPIPS through the `lpips` package, refusing to run on a random backbone.
+"""LPIPS (v0.1) through torchmetrics, refusing to run on a random backbone.
 
-The package ships its linear heads; the AlexNet/VGG/SqueezeNet backbone comes from
-torchvision's cache. Without that file, a stage that asks for LPIPS fails before
-training starts and says where the file goes.
+torchmetrics ships LPIPS's linear heads (the same files as the `lpips` package); the
+AlexNet/VGG/SqueezeNet backbone is torchvision's file in `$TORCH_HOME/hub/checkpoints/`.
+vaeflow reads that file itself (`torch.load(weights_only=True)`) after checking its sha256
+against the prefix torchvision puts in the file name, so nothing is ever downloaded and a
+wrong file is refused. Without the file, a stage that asks for LPIPS fails before training
+starts and says where the file goes. `VAEFLOW_LPIPS_RANDOM_BACKBONE=1` (tests only) builds
+a random backbone instead, loudly.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -15,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 MIN_SIZE = 64
+RANDOM_BACKBONE_ENV = "VAEFLOW_LPIPS_RANDOM_BACKBONE"
 
 BACKBONE_FILES = {
     "alex": "alexnet-owt-7be5be79.pth",
@@ -25,6 +32,11 @@ BACKBONE_FILES = {
 
 class PerceptualWeightsMissing(RuntimeError):
     pass
+
+
+def random_backbone_opt_in() -> bool:
+    """True when the test-only opt-in for a random LPIPS backbone is set."""
+    return os.environ.get(RANDOM_BACKBONE_ENV) == "1"
 
 
 def lpips_weights_path(net: str = "alex") -> Path:
@@ -43,19 +55,80 @@ def check_lpips_weights(net: str = "alex") -> Path:
     return path
 
 
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_lpips_weights(net: str = "alex") -> tuple[Path, str]:
+    """(path, sha256) of the backbone file after checking the sha256 prefix that torchvision
+    puts in its file names (`alexnet-owt-<sha256[:8]>.pth`)."""
+    path = check_lpips_weights(net)
+    digest = sha256_file(path)
+    want = re.search(r"-([0-9a-f]{8,})\.pth$", path.name).group(1)
+    if not digest.startswith(want):
+        raise PerceptualWeightsMissing(
+            f"{path}: sha256 {digest[:12]}… does not start with {want} (the hash in torchvision's "
+            f"file name): not torchvision's {net} weights; replace the file")
+    return path, digest
+
+
+def torchvision_key(key: str) -> str:
+    """An LPIPS backbone key (`slice2.3.weight`, or `slices.1.3.squeeze.weight` for
+    SqueezeNet) -> torchvision's (`features.3.weight`): the slices keep the layer indices."""
+    parts = key.split(".")
+    return "features." + ".".join(parts[2:] if parts[0] == "slices" else parts[1:])
+
+
+def load_backbone_file(lpips_module: nn.Module, path: str | Path) -> None:
+    """Load a torchvision backbone file into a torchmetrics LPIPS module's `net` (whose slices
+    hold torchvision's `features[i]` layers under their original indices)."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    mapped = {}
+    for key in lpips_module.net.state_dict():
+        if torchvision_key(key) not in state:
+            raise PerceptualWeightsMissing(f"{path}: no {torchvision_key(key)} in the file: not a torchvision backbone")
+        mapped[key] = state[torchvision_key(key)]
+    lpips_module.net.load_state_dict(mapped, strict=True)
+
+
+def load_backbone(lpips_module: nn.Module, net: str) -> tuple[Path, str]:
+    """Verify torchvision's `net` file and load it; returns (path, sha256)."""
+    path, digest = verify_lpips_weights(net)
+    load_backbone_file(lpips_module, path)
+    return path, digest
+
+
 class PerceptualLoss(nn.Module):
-    """Mean LPIPS distance; inputs in [-1, 1], grayscale repeated to 3 channels."""
+    """Mean LPIPS distance; inputs in [-1, 1], grayscale repeated to 3 channels.
+
+    `backbone` records where the backbone came from: {"file", "sha256"} or "random"."""
 
     def __init__(self, net: str = "alex", pretrained_backbone: bool = True):
         super().__init__()
-        import lpips  # imported here: only stages that use LPIPS pay for it
-
         if pretrained_backbone:
             check_lpips_weights(net)
-        self.lpips = lpips.LPIPS(net=net, pnet_rand=not pretrained_backbone, verbose=False)
+        # imported here: only stages that use LPIPS pay for it. torchmetrics' LPIPS module is
+        # private API (pinned in pyproject); its public metric would download a missing backbone.
+        from torchmetrics.functional.image.lpips import _NoTrainLpips
+
+        self.lpips = _NoTrainLpips(net=net, pnet_rand=True)  # random backbone first: never a download
+        self.backbone: dict | str = "random"
+        if pretrained_backbone:
+            path, digest = load_backbone(self.lpips, net)
+            self.backbone = {"file": str(path), "sha256": digest}
         self.lpips.eval().requires_grad_(False)
 
     def forward(self, recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """fp32 whatever the autocast state: LPIPS normalizes features channel-wise and sums
+        small squared differences, which fp16/bf16 round away."""
+        with torch.autocast(device_type=recon.device.type, enabled=False):
+            return self._forward_fp32(recon.float(), target.float())
+
+    def _forward_fp32(self, recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if recon.dim() == 5:  # volumes: score every slice along depth
             recon = recon.transpose(1, 2).flatten(0, 1)
             target = target.transpose(1, 2).flatten(0, 1)

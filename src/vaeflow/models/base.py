@@ -124,7 +124,9 @@ class Autoencoder(torch.nn.Module):
     def sample_prior(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """n latents from the prior; by default N(0, I) over `latent_shape`."""
         p = next(self.parameters())
-        return torch.randn((n, *self.latent_shape), generator=generator, device=p.device, dtype=p.dtype)
+        # drawn on the generator's device, then moved: a CPU generator works on every device
+        where = generator.device if generator is not None else p.device
+        return torch.randn((n, *self.latent_shape), generator=generator, device=where, dtype=p.dtype).to(p.device)
 
     def parts(self) -> dict[str, list[torch.nn.Module]]:
         """{"encoder": [...], "decoder": [...], "quantizer": [...]}: what a stage may freeze."""

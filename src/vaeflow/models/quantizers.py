@@ -223,12 +223,13 @@ class FSQ(nn.Module):
 
     def __init__(self, levels: Sequence[int] = (8, 5, 5, 5), eps: float = 1e-3):
         super().__init__()
-        lv = torch.tensor([int(x) for x in levels], dtype=torch.long)
-        if (lv < 2).any():
+        # Sizes in plain Python: the config check builds models on the meta device (no values).
+        if any(int(x) < 2 for x in levels):
             raise ValueError(f"FSQ levels must be >= 2, got {list(levels)}")
         self.levels = tuple(int(x) for x in levels)
         self.code_dim = len(self.levels)
-        self.codebook_size = int(torch.prod(lv))
+        self.codebook_size = math.prod(self.levels)
+        lv = torch.tensor(self.levels, dtype=torch.long)
         self.eps = float(eps)
         self.register_buffer("_levels", lv.float(), persistent=False)
         basis = torch.cumprod(torch.tensor([1] + list(self.levels[:-1])), 0)

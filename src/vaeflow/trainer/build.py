@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from vaeflow import checkpoint as ckpt
-from vaeflow.losses import AdversarialLoss, KLLoss, PerceptualLoss, ReconstructionLoss
+from vaeflow.losses import AdversarialLoss, KLLoss, LeCAM, PerceptualLoss, ReconstructionLoss
 from vaeflow.trainer.device import resolve_device
 from vaeflow.trainer.ema import EMA
 from vaeflow.trainer.optim import build_optimizer, build_scheduler
@@ -49,14 +49,9 @@ def build_devices(tcfg: dict, step: dict, dist, console) -> Devices:
         device = torch.device("cuda", dist.local_rank)
         torch.cuda.set_device(device)
     dist.set_device(device)  # collective tensors live on the training device
-    amp_dtype = None
-    if step["use_amp"]:
-        if device.type == "cuda":
-            amp_dtype = torch.bfloat16 if step["amp_dtype"] == "bf16" else torch.float16
-        else:
-            console.line(f"use_amp: AMP is off on {device.type}; training in fp32")
+    # amp_dtype is set once the model exists (vaeflow.trainer.precision sizes it for use_amp: auto)
     return Devices(device, resolve_device(tcfg.get("disc_device"), device),
-                   resolve_device(tcfg.get("perceptual_device"), device), amp_dtype)
+                   resolve_device(tcfg.get("perceptual_device"), device), None)
 
 
 # ----------------------------------------------------------------------------- models
@@ -67,6 +62,7 @@ class Models:
     discriminator: nn.Module | None
     frozen: set  # part names frozen in this stage
     init_path: Path | None  # the prior artifact the model started from
+    lecam: LeCAM | None = None  # the LeCAM regularizer's running averages (lambda_lecam > 0)
 
     def eval_model(self) -> nn.Module:
         return self.ema.model if self.ema is not None else self.model
@@ -100,7 +96,8 @@ def build_models(config: dict, stage: str, step: dict, devices: Devices, init_pa
         if prior is not None and prior.get("discriminator") is not None:
             discriminator.load_state_dict(prior["discriminator"])
         check_discriminator_fits(discriminator, example.to(devices.disc), config["discriminator"]["n_layers"])
-    models = Models(model, ema, discriminator, set(step["freeze"]) - set(step["unfreeze"]), init_path)
+    lecam = LeCAM().to(devices.disc) if discriminator is not None and step["lambda_lecam"] > 0 else None
+    models = Models(model, ema, discriminator, set(step["freeze"]) - set(step["unfreeze"]), init_path, lecam)
     apply_freeze(models, stage)
     return models
 
@@ -142,11 +139,12 @@ class Losses:
     perceptual: PerceptualLoss | None
 
 
-def build_losses(step: dict, model: nn.Module, perc_device: torch.device, console) -> Losses:
+def build_losses(step: dict, model: nn.Module, perc_device: torch.device, console, lecam: LeCAM | None = None) -> Losses:
     s = step
     recon = ReconstructionLoss(s["recon_type"], s["focal_gamma"], signed=model.input_range == "signed")
     kl = KLLoss(s["kl_beta"], s["kl_warmup_steps"], s["kl_free_bits"], s["beta_start"], s["beta_end"], s["beta_steps"])
-    adv = AdversarialLoss(s["lambda_adv"], s["disc_start"], s["r1_gamma"], s["adaptive_weight"], s["adaptive_weight_max"])
+    adv = AdversarialLoss(s["lambda_adv"], s["disc_start"], s["r1_gamma"], s["adaptive_weight"], s["adaptive_weight_max"],
+                          s["gan_start"], s["lambda_lecam"], lecam)
     perceptual = None
     if s["use_lpips"]:
         random_backbone = os.environ.get("VAEFLOW_LPIPS_RANDOM_BACKBONE") == "1"
@@ -181,6 +179,8 @@ def build_optimizers(stage: str, step: dict, models: Models, devices: Devices) -
     opt_disc = None
     if models.discriminator is not None and "discriminator" not in models.frozen:
         opt_disc = build_optimizer(models.discriminator.parameters(), opt_cfg["optimizers"]["discriminator"])
+        for group in opt_disc.param_groups:
+            group["lr"] *= step["disc_lr_mult"]
     scheds = opt_cfg.get("schedulers") or {}
     total = max_epochs(step)
     return Optimizers(

@@ -56,6 +56,11 @@ class Meter:
             v = v.detach() if torch.is_tensor(v) else v
             self.sums[k] = self.sums.get(k, 0.0) + v
 
+    def merge(self, other: Meter) -> None:
+        for k, v in other.sums.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.count += other.count
+
     def add_images(self, values: dict, n: int) -> None:
         """Add a batch's means as floats weighted by its n images (a mean over images)."""
         self.count += n
@@ -73,6 +78,10 @@ SHOWN = {"vae_loss": ("VAE", ".4f"), "kl_loss": ("KL", ".2f"), "vq_loss": ("VQ",
 
 def train_line(where: str, values: dict, metrics: list[str], batch_time: float, imgs_per_s: float) -> str:
     """One training log line: position, the stage's logged losses (`config.logged_metrics`), speed.
-    A loss not computed yet (the GAN terms before disc_start) shows as 0."""
-    shown = [f"{SHOWN[m][0]}: {values.get(m, 0.0):{SHOWN[m][1]}}" for m in metrics if m in SHOWN]
+    """
+    # The GAN terms appear once they train (disc_start for D, gan_start for G).
+    shown = [f"{SHOWN[m][0]}: {values.get(m, 0.0):{SHOWN[m][1]}}" for m in metrics
+             if m in SHOWN and (m in values or m not in ("g_loss", "d_loss"))]
+    if "adv_weight" in values:  # the adaptive GAN weight, clamped to max_adaptive_weight
+        shown.append(f"w_adv: {values['adv_weight']:.3g}")
     return " | ".join([where, *shown, f"{batch_time:.2f}s/batch", f"{imgs_per_s:.0f} img/s"])

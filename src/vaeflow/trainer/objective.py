@@ -16,8 +16,12 @@ class Objective:
         self.dataset_size = dataset_size  # the total-correlation estimator's N
 
     def generator(self, model: nn.Module, discriminator: nn.Module | None, x: torch.Tensor, global_step: int,
-                  adversarial: bool) -> tuple[torch.Tensor, torch.Tensor, dict]:
-        """(loss, detached reconstruction, logged values); `adversarial` adds the GAN term."""
+                  adversarial: bool, scale=None) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """(loss, detached reconstruction, logged values); `adversarial` adds the GAN term.
+
+        Precision under autocast: only the autoencoder's forward runs in it; the
+        reconstruction loss, KL (losses/kl.py), LPIPS (losses/perceptual.py) and the adaptive
+        weight (losses/adversarial.py, with the GradScaler's `scale`) are fp32."""
         s, L = self.step, self.losses
         with self.devices.autocast():
             out = model.ae_forward(x, sample_posterior=True)
@@ -37,7 +41,7 @@ class Objective:
             logs[k] = v
         if adversarial:
             last = model.last_layer_weight() if s["train_vae"] else None
-            adv, g_raw, w = L.adv.generator(discriminator, recon.to(self.devices.disc), nll, last)
+            adv, g_raw, w = L.adv.generator(discriminator, recon.to(self.devices.disc), nll, last, scale)
             loss = loss + adv.to(x.device)
             logs["g_loss"], logs["adv_weight"] = g_raw, w.detach()
         logs["vae_loss"] = loss.detach()
@@ -68,6 +72,7 @@ class Objective:
         return loss
 
     def discriminator(self, discriminator: nn.Module, x: torch.Tensor, recon: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """D's forward passes follow autocast; the R1 penalty and LeCAM are fp32 (losses/)."""
         disc = self.devices.disc
         with self.devices.autocast():
             return self.losses.adv.discriminator(discriminator, x.to(disc), recon.to(disc))

@@ -38,12 +38,15 @@ class RunDir:
         p = self.work(METRICS_LOG)
         return p.stat().st_size if p.exists() else 0
 
-    def write_metrics(self, record: dict) -> None:
+    def write_metrics(self, record: dict) -> dict | None:
+        """Append a record (rank 0); returns it as written."""
         if not self.dist.main:
-            return
+            return None
         self.running.mkdir(parents=True, exist_ok=True)
+        record = {"timestamp": datetime.now().isoformat(), "session_id": self.session_id, **record}
         with open(self.work(METRICS_LOG), "a") as f:
-            f.write(json.dumps({"timestamp": datetime.now().isoformat(), "session_id": self.session_id, **record}) + "\n")
+            f.write(json.dumps(record) + "\n")
+        return record
 
     def resume_state(self, fingerprint: str) -> dict | None:
         """The resume checkpoint of this same run, or None (then running/ is cleared)."""
@@ -71,11 +74,13 @@ class RunDir:
             return None
         return st
 
-    def truncate_metrics(self, size: int) -> None:
-        """Drop metric lines written after a checkpoint: they will be written again."""
+    def truncate_metrics(self, size: int, keep: tuple = ()) -> None:
+        """Drop metric lines written after a checkpoint: they will be written again. The
+        records in `keep` (a rollback's events) are written back after the cut."""
         if self.dist.main:
             with open(self.work(METRICS_LOG), "a+b") as f:
                 f.truncate(size)
+                f.writelines(json.dumps(record).encode() + b"\n" for record in keep)
 
     def _drop_running(self) -> None:
         if self.dist.main and self.running.exists():

@@ -16,13 +16,15 @@ from vaeflow.config import (fingerprint, logged_metrics, model_family, resolve_s
                             stage_view)
 from vaeflow.layout import Layout
 from vaeflow.metrics import to_model_range
-from vaeflow.trainer import rng
+from vaeflow.trainer import faults, recovery, rng
 from vaeflow.trainer import state as train_state
 from vaeflow.trainer.batches import BatchFetcher, batches_per_epoch, epoch_order
 from vaeflow.trainer.build import build_devices, build_losses, build_models, build_optimizers, first_image, max_epochs
 from vaeflow.trainer.console import Console, Meter, train_line
 from vaeflow.trainer.distributed import Dist, init_from_env
+from vaeflow.trainer.guard import Policy, StepGuard, all_finite
 from vaeflow.trainer.objective import Objective
+from vaeflow.trainer.precision import choose_precision
 from vaeflow.trainer.rundir import RunDir
 from vaeflow.trainer.state import StageId, TrainState
 from vaeflow.trainer.step import TrainStep
@@ -52,10 +54,19 @@ class StageTrainer:
         layout = Layout(results_dir)
         init_path = layout.prior_checkpoint(stage_names(config), stage)
         self.models = build_models(config, stage, s, self.devices, init_path, first_image(train_ds), self.console)
-        losses = build_losses(s, self.models.model, self.devices.perc, self.console)
+        self.precision = choose_precision(s["use_amp"], s["amp_dtype"], self.devices.main, self.models.model,
+                                          self.train_data.fetch(torch.arange(1)).to(self.devices.main))
+        self.console.line(self.precision.describe())
+        self.devices.amp_dtype = self.precision.dtype
+        losses = build_losses(s, self.models.model, self.devices.perc, self.console, self.models.lecam)
         self.opts = build_optimizers(stage, s, self.models, self.devices)
         self.objective = Objective(s, losses, self.devices, len(self.train_data))
-        self.train_step = TrainStep(s, self.models, self.objective, self.opts, self.dist, self.console)
+        self.guard = StepGuard(Policy.from_config(self.tcfg), scaler_enabled=self.opts.scaler.is_enabled())
+        self.pending_events: list[dict] = []  # guard events since the last resume checkpoint
+        fault_plan = faults.from_env(stage)  # None unless VAEFLOW_FAULT is set: then no code path changes
+        if fault_plan is not None:
+            self.console.line(f"WARNING: {faults.ENV} is set (test hook): {fault_plan.describe()}")
+        self.train_step = TrainStep(s, self.models, self.objective, self.opts, self.dist, self.console, self.guard, fault_plan)
 
         self.batch_size = self.tcfg["batch_size"]
         self.n_batches = batches_per_epoch(len(self.train_data), self.batch_size, s["max_steps"])
@@ -94,20 +105,29 @@ class StageTrainer:
         while not st.finished:
             order = epoch_order(len(self.train_data), self.seed, self.index, st.epoch)
             self.console.start_bar(self.n_batches, st.batch, f"{self.stage} epoch {st.epoch + 1}")
-            meter, epoch_meter = Meter(), Meter()
-            t_log, imgs_log = time.perf_counter(), 0
+            meter, epoch_meter, window = Meter(), Meter(), Meter()
+            t_log, imgs_log, rolled_back = time.perf_counter(), 0, False
             for x in self.train_data.iterate(order, self.batch_size, st.batch, self.n_batches, dist.shard):
                 x = to_model_range(x, models.model).to(self.devices.main, non_blocking=True)
                 closes = (st.batch + 1) % self.train_step.accum == 0 or st.batch + 1 == self.n_batches
                 values = self.train_step(x, st, closes)  # forward + backward; the step comes at the window's end
                 st.batch += 1
                 imgs_log, images_seen = imgs_log + x.shape[0], images_seen + x.shape[0]
-                meter.add(values)
-                epoch_meter.add(values)
+                window.add(values)
                 self.console.tick()
                 if st.batch % self.train_step.accum and st.batch != self.n_batches:
                     continue
-                self.train_step.optimizer_step()
+                reason = self.train_step.optimizer_step(st)
+                if reason is not None:  # skipped (trainer/guard.py): its losses stay out of the means
+                    window = Meter()
+                    if rolled_back := recovery.on_skip(self, reason):
+                        st = self.state  # restored from running/last.pt
+                        break
+                    continue
+                self.guard.passed(st)
+                meter.merge(window)
+                epoch_meter.merge(window)
+                window = Meter()
                 st.global_step += 1
                 if st.global_step % self.tcfg["log_every"] == 0 or st.batch == self.n_batches:
                     dt = time.perf_counter() - t_log
@@ -116,7 +136,8 @@ class StageTrainer:
                 if st.global_step % self.tcfg["save_every"] == 0 and st.batch != self.n_batches:
                     self._save_last()
             self.console.close_bar()
-            self._end_epoch(dist.mean_dict(epoch_meter.means()))
+            if not rolled_back:
+                self._end_epoch(dist.mean_dict(epoch_meter.means()))
         self.files.publish()
         return self._summary(time.perf_counter() - t_start, images_seen)
 
@@ -173,14 +194,20 @@ class StageTrainer:
         self.files.save(name, train_state.checkpoint(self.id, self.state, self.models, self.opts, self.dist))
 
     def _save_last(self) -> None:
+        if not all_finite([self.models.model, self.models.discriminator]):  # keep the last good rollback target
+            self.console.line(f"WARNING: non-finite weights at step {self.state.global_step}: resume checkpoint not updated")
+            return
         self.state.metrics_offset = self.files.metrics_size()
         self._save("last.pt")
+        self.pending_events = []
 
     def _resume(self) -> None:
         saved = self.files.resume_state(self.id.fingerprint)
         st = self.state if saved is None else train_state.restore(saved, self.models, self.opts, self.dist)
         self.dist.check_agree("the resume point (epoch, batch, step)", (st.epoch, st.batch, st.global_step))
         if saved is None:
+            if self.guard.policy.max_rollbacks > 0:
+                self._save_last()  # the first rollback target
             return
         self.state = st
         self.files.truncate_metrics(self.state.metrics_offset)
@@ -209,10 +236,13 @@ class StageTrainer:
             "best_val_loss": st.best_val,
             "seconds": round(elapsed, 2),
             "images_per_s": round(images_seen * self.dist.world / max(elapsed, 1e-9), 1),
+            "nonfinite_skipped": st.skipped,
+            "rollbacks": st.rollbacks,
         }
         self.console.line(
             f"Stage {self.stage} done: {st.epoch} epochs, {st.global_step} steps, "
             f"best val_loss {st.best_val:.5f}, {elapsed:.1f}s this run ({summary['images_per_s']:.0f} img/s)"
+            + (f"; {st.skipped} non-finite steps skipped, {st.rollbacks} rollback(s)" if st.skipped else "")
         )
         return summary
 

@@ -8,6 +8,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 
 from vaeflow import checkpoint as ckpt
+from vaeflow import provenance
 from vaeflow.trainer import rng
 from vaeflow.trainer.build import Models, Optimizers
 
@@ -23,6 +24,9 @@ class TrainState:
     finished: bool = False
     metrics_offset: int = 0  # size of metrics.jsonl when this state was saved
     history: dict = field(default_factory=dict)  # metric name -> one value per epoch
+    skipped: int = 0  # non-finite steps skipped (trainer/guard.py)
+    consecutive_skips: int = 0
+    rollbacks: int = 0
 
     @classmethod
     def keys(cls) -> set[str]:
@@ -47,6 +51,7 @@ def checkpoint(sid: StageId, state: TrainState, models: Models, opts: Optimizers
         "stage": sid.stage,
         "stage_index": sid.index,
         "fingerprint": sid.fingerprint,
+        "provenance": provenance.record(),  # code, commit, tool versions
         "model": models.model.state_dict(),
         "ema": ema.state_dict()["weights"] if ema is not None else None,
         "ema_state": {"num_updates": ema.num_updates} if ema is not None else None,
@@ -54,6 +59,7 @@ def checkpoint(sid: StageId, state: TrainState, models: Models, opts: Optimizers
         "optimizers": {k: o.state_dict() for k, o in opts.named() if o},
         "schedulers": {k: s.state_dict() for k, s in opts.named_schedulers() if s},
         "scaler": opts.scaler.state_dict(),
+        "lecam": models.lecam.state_dict() if models.lecam is not None else None,
         "rng": rng.capture(),
         "rng_ranks": dist.gather(rng.capture()) if dist.enabled else None,
         **asdict(state),
@@ -83,6 +89,8 @@ def restore(st: dict, models: Models, opts: Optimizers, dist) -> TrainState:
         if sch is not None:
             sch.load_state_dict(st["schedulers"][key])
     opts.scaler.load_state_dict(st["scaler"])
+    if models.lecam is not None and st.get("lecam") is not None:
+        models.lecam.load_state_dict(st["lecam"])
     ranks = st.get("rng_ranks")
     if dist.enabled and ranks and len(ranks) == dist.world:
         rng.restore(ranks[dist.rank])

@@ -5,16 +5,21 @@ from __future__ import annotations
 
 import torch
 
+from vaeflow import collectives
 from vaeflow.trainer.build import Models, Optimizers
 from vaeflow.trainer.console import Meter
+from vaeflow.trainer.faults import FaultPlan
+from vaeflow.trainer.guard import StepGuard
 from vaeflow.trainer.objective import Objective
 from vaeflow.trainer.state import TrainState
 
 
 class TrainStep:
-    def __init__(self, step: dict, models: Models, objective: Objective, opts: Optimizers, dist, console):
+    def __init__(self, step: dict, models: Models, objective: Objective, opts: Optimizers, dist, console,
+                 guard: StepGuard, faults: FaultPlan | None = None):
         self.step, self.models, self.objective, self.opts = step, models, objective, opts
         self.dist, self.console = dist, console
+        self.guard, self.faults = guard, faults  # faults: VAEFLOW_FAULT's test hook, None when unset
         self.accum = step["grad_accum_steps"]
         self.on_cuda = objective.devices.main.type == "cuda"
         self._snapshots = (None, None)
@@ -47,14 +52,16 @@ class TrainStep:
         )
         meter = Meter()
         scale = 1.0 / (state.micro * self.accum)
-        adv_active = objective.losses.adv.active(state.global_step)
-        train_disc = opts.disc is not None and adv_active
-        adversarial = models.discriminator is not None and adv_active and opts.vae is not None
+        adv = objective.losses.adv
+        train_disc = opts.disc is not None and adv.active(state.global_step)  # from disc_start
+        adversarial = models.discriminator is not None and adv.generator_active(state.global_step) and opts.vae is not None
         chunks = x.chunk(state.micro)
         for i, chunk in enumerate(chunks):
             final = closing and i == len(chunks) - 1  # the last backward before the optimizer step
             if opts.vae is not None:
-                loss, recon, logs = objective.generator(models.model, models.discriminator, chunk, state.global_step, adversarial)
+                loss, recon, logs = objective.generator(models.model, models.discriminator, chunk, state.global_step,
+                                                        adversarial, opts.scaler.scale)
+                loss = self._checked(loss, state)
                 if final:
                     self.reducers["vae"].arm()
                 opts.scaler.scale(loss * scale).backward()
@@ -64,6 +71,7 @@ class TrainStep:
                 logs = {}
             if train_disc:
                 d_loss, d_raw = objective.discriminator(models.discriminator, chunk, recon)
+                d_loss = self._checked(d_loss, state)
                 if final:
                     self.reducers["disc"].arm()
                 opts.scaler.scale(d_loss * scale).backward()
@@ -71,6 +79,13 @@ class TrainStep:
             meter.add(logs)
         # Per-chunk values averaged, still as tensors: converted once per log line.
         return {k: v / meter.count for k, v in meter.sums.items()}
+
+    def _checked(self, loss: torch.Tensor, state: TrainState) -> torch.Tensor:
+        """The loss as the guard will judge it (VAEFLOW_FAULT may corrupt it first)."""
+        if self.faults is not None:
+            loss = self.faults.corrupt_loss(loss, state)
+        self.guard.observe(loss)
+        return loss
 
     def _vae_params(self) -> list:
         return [p for p in self.models.model.parameters() if p.requires_grad]
@@ -83,22 +98,41 @@ class TrainStep:
             for p, g in zip(group, snap or [None] * len(group)):
                 p.grad = None if g is None else g.clone()
 
-    def optimizer_step(self) -> None:
-        """Average gradients over ranks, clip, step, then update the EMA weights."""
+    def optimizer_step(self, state: TrainState) -> str | None:
+        """Average gradients over ranks; unless the guard finds the window non-finite (then
+        returns its reason and drops the gradients), clip, step, update the EMA and LeCAM."""
         clip, scaler, models = self.step["grad_clip"], self.opts.scaler, self.models
-        for opt, params, part in ((self.opts.vae, self._vae_params, "vae"), (self.opts.disc, self._disc_params, "disc")):
-            if opt is None:
-                continue
+        parts = ((self.opts.vae, self._vae_params, "vae"), (self.opts.disc, self._disc_params, "disc"))
+        groups = [(opt, params(), part) for opt, params, part in parts if opt]
+        for _, _, part in groups:
             self.reducers[part].finish()  # before unscaling: an inf on any rank skips the step on all
-            if clip:
-                scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(params(), clip)
-            scaler.step(opt)
-        scaler.update()
-        self.dist.broadcast_norm_buffers(models.model)  # BatchNorm statistics follow rank 0
-        self.dist.broadcast_norm_buffers(models.discriminator)
-        for _, opt in self.opts.named():
-            if opt is not None:
-                opt.zero_grad(set_to_none=True)
+        every = [p for _, params, _ in groups for p in params]
+        if self.faults is not None:
+            self.faults.at_step(every, state)
+        reason = self.guard.check(every, self.objective.devices.main, self.dist)
+        if reason is None:
+            for opt, params, _ in groups:
+                if clip:
+                    scaler.unscale_(opt)
+                    torch.nn.utils.clip_grad_norm_(params, clip)
+                scaler.step(opt)
+            scaler.update()
+            self.dist.broadcast_norm_buffers(models.model)  # BatchNorm statistics follow rank 0
+            self.dist.broadcast_norm_buffers(models.discriminator)
+        for opt, _, _ in groups:
+            opt.zero_grad(set_to_none=True)
+        if reason is not None:
+            if models.lecam is not None:
+                models.lecam.discard()
+            return reason
         if models.ema is not None and self.opts.vae is not None:
             models.ema.update(models.model)
+        if models.lecam is not None:
+            models.lecam.commit(self._rank_mean)
+        return None
+
+    def _rank_mean(self, t: torch.Tensor) -> torch.Tensor:
+        if collectives.active():
+            collectives.all_reduce(t)
+            t = t / collectives.world()
+        return t

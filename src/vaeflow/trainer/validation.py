@@ -8,6 +8,7 @@ from torch import nn
 
 from vaeflow import checkpoint as ckpt
 from vaeflow.layout import StageLayout
+from vaeflow.grid import save_image
 from vaeflow.metrics import to_model_range, to_unit
 from vaeflow.trainer.console import Meter
 from vaeflow.trainer.objective import Objective
@@ -49,8 +50,6 @@ def prior_noise(model: nn.Module, n: int, seed: int) -> torch.Tensor:
 def save_grids(model: nn.Module, fixed_val: torch.Tensor, fixed_noise: torch.Tensor, device: torch.device,
                layout: StageLayout, tag: str) -> None:
     """The validation images (original), their reconstructions (nr_o) and prior samples (gen)."""
-    from torchvision.utils import save_image
-
     with _EvalMode(model):
         x = to_model_range(fixed_val, model).to(device)
         recon = to_unit(model.ae_forward(x, sample_posterior=False).recon.float(), model).cpu()
@@ -62,4 +61,4 @@ def save_grids(model: nn.Module, fixed_val: torch.Tensor, fixed_noise: torch.Ten
     for name, imgs in (("original", originals), ("nr_o", recon), ("gen", gen)):
         out = layout.train_grid(tag, name)
         out.parent.mkdir(parents=True, exist_ok=True)
-        ckpt.atomic_write(out, lambda f, imgs=imgs: save_image(imgs, f, nrow=5, format="png"))
+        ckpt.atomic_write(out, lambda f, imgs=imgs: save_image(imgs, f, nrow=5))

@@ -20,9 +20,7 @@ class DigitsSource(Source):
 
     def __init__(self, cfg: dict):
         super().__init__(cfg)
-        from sklearn.datasets import load_digits
-
-        images = load_digits().images  # float64 [1797, 8, 8], 0..16
+        images = _digit_images()  # float64 [1797, 8, 8], 0..16
         self._images = (images / 16.0).astype(np.float32)[:, None]  # [N, 1, 8, 8] in [0, 1]
         raw = np.ascontiguousarray(images.astype(np.uint8))
         self.digests["sklearn.datasets.load_digits"] = hashlib.sha256(raw.tobytes()).hexdigest()
@@ -41,3 +39,22 @@ class DigitsSource(Source):
             x = resize_square(self._images[[r.ref for r in chunk]], self.image_size)
             for rec, item in zip(chunk, x):
                 yield rec, to_channels(item, self.channels, rec.key)
+
+
+def _digit_images() -> np.ndarray:
+    """`sklearn.datasets.load_digits().images`, read straight from the file scikit-learn ships
+    (importing sklearn.datasets pulls in scipy: about a second per process); load_digits()
+    itself when that file is not where this scikit-learn keeps it."""
+    import gzip
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("sklearn")
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(root) / "datasets" / "data" / "digits.csv.gz"
+        if path.is_file():
+            with gzip.open(path, "rt", encoding="utf-8") as f:
+                return np.loadtxt(f, delimiter=",")[:, :-1].reshape(-1, 8, 8)
+    from sklearn.datasets import load_digits
+
+    return load_digits().images

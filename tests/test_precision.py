@@ -1,0 +1,119 @@
+"""The precision policy (vaeflow.trainer.precision): what `use_amp` picks where, and that bf16
+training stays within 0.2 dB PSNR of fp32 on the default config."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import yaml
+
+from support import REPO
+from vaeflow import config as cfg
+from vaeflow.trainer.precision import (
+    CPU_BF16_MIN_GFLOP, CpuFeatures, _cpuinfo_flags, choose_precision, cpu_features, forward_gflop_per_image,
+)
+
+CPU = torch.device("cpu")
+NO_BF16 = CpuFeatures((), "AVX2", "test")
+AMX = CpuFeatures(("avx512_bf16", "amx_bf16"), "AVX512", "test")
+
+
+def default_model_and_sample():
+    from vaeflow.models import build_model
+
+    config = cfg.load([REPO / "config" / "config.yaml"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = build_model(config["model"])
+    return model, torch.rand(2, 1, 16, 16)
+
+
+def test_cpuinfo_flags_are_read_from_the_flags_line(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx512f amx_tile amx_bf16 avx512_bf16\n\nprocessor\t: 1\n")
+    assert {"amx_bf16", "avx512_bf16", "avx512f"} <= _cpuinfo_flags(info)
+    assert _cpuinfo_flags(tmp_path / "absent") is None
+
+
+def test_this_machine_is_described_as_it_is():
+    feats = cpu_features()
+    flags = _cpuinfo_flags()
+    if flags is not None:
+        assert feats.native_bf16 == bool({"avx512_bf16", "amx_bf16"} & flags)
+    assert feats.capability == torch.backends.cpu.get_cpu_capability()
+    assert feats.capability in feats.describe()
+
+
+def test_auto_on_a_cpu_without_native_bf16_is_fp32_and_says_why():
+    p = choose_precision("auto", "bf16", CPU, cpu=NO_BF16)
+    assert p.name == "fp32" and p.dtype is None
+    assert "neither avx512_bf16 nor amx_bf16" in p.describe() and "emulated" in p.describe()
+
+
+def test_auto_keeps_the_default_16px_model_in_fp32_even_with_amx():
+    model, sample = default_model_and_sample()
+    gflop = forward_gflop_per_image(model, sample)
+    assert 0.01 < gflop < CPU_BF16_MIN_GFLOP  # 0.10 GFLOP per image
+    assert model.training  # restored after counting
+    p = choose_precision("auto", "bf16", CPU, model, sample, cpu=AMX)
+    assert p.name == "fp32"
+    assert f"{gflop:.2f} GFLOP per image" in p.reason and "use_amp: bf16 forces it" in p.reason
+
+
+def test_auto_picks_bf16_for_a_large_model_on_a_bf16_cpu():
+    from vaeflow.models import build_model
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = build_model({"type": "autoencoder_kl", "in_channels": 3, "resolution": 64, "base_ch": 64,
+                             "ch_mult": [1, 2, 4], "num_res_blocks": 1, "embed_dim": 4})
+    p = choose_precision("auto", "bf16", CPU, model, torch.rand(1, 3, 64, 64), cpu=AMX)
+    assert p.name == "bf16" and p.dtype is torch.bfloat16
+    assert "amx_bf16" in p.describe()
+
+
+@pytest.mark.parametrize("use_amp, amp_dtype, cpu, expect", [
+    (False, "bf16", AMX, "fp32"),
+    ("fp32", "bf16", AMX, "fp32"),
+    (True, "bf16", AMX, "bf16"),       # asked for, and native: no size check
+    (True, "bf16", NO_BF16, "fp32"),   # asked for, but it would be emulated
+    ("bf16", "bf16", NO_BF16, "bf16"),  # forced
+    ("fp16", "bf16", AMX, "fp32"),     # fp16 is CUDA-only
+    (True, "fp16", AMX, "fp32"),
+])
+def test_explicit_settings_on_cpu(use_amp, amp_dtype, cpu, expect):
+    p = choose_precision(use_amp, amp_dtype, CPU, cpu=cpu)
+    assert p.name == expect, p.describe()
+    assert not p.grad_scaler().is_enabled()
+
+
+def test_fp16_on_cuda_uses_a_grad_scaler_and_forced_bf16_on_a_slow_cpu_says_so():
+    p = choose_precision("fp16", "bf16", torch.device("cuda"), cpu=NO_BF16)
+    assert p.name == "fp16" and p.dtype is torch.float16 and "GradScaler" in p.describe()
+    p = choose_precision("bf16", "bf16", CPU, cpu=NO_BF16)
+    assert "emulated and slower" in p.reason
+
+
+def test_the_schema_accepts_the_new_values_and_rejects_others():
+    raw = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    for value in ("auto", "bf16", "fp16", "fp32", True, False):
+        raw["training"]["pipeline"]["defaults"]["use_amp"] = value
+        cfg.validate(raw)
+    raw["training"]["pipeline"]["defaults"]["use_amp"] = "fp8"
+    with pytest.raises(cfg.ConfigError, match="use_amp"):
+        cfg.validate(raw)
+    assert cfg.resolve_steps(cfg.load([REPO / "config" / "config.yaml"]))[0]["use_amp"] == "auto"
+
+
+def test_the_trainer_logs_its_precision(tmp_path, capsys):
+    from vaeflow.data import prepare_dataset
+    from vaeflow.trainer import run_stage
+
+    raw = yaml.safe_load((REPO / "tests" / "configs" / "tiny.yaml").read_text())
+    raw["training"]["pipeline"]["steps"] = [{"name": "s", "n_epochs": 1, "max_steps": 1, "use_amp": "bf16"}]
+    config = cfg.validate(raw)
+    prepare_dataset(config["data"], tmp_path / "data")
+    run_stage(config, "s", tmp_path)
+    assert "Precision: bf16 autocast on cpu (use_amp: bf16" in capsys.readouterr().out

@@ -45,6 +45,11 @@ CASES = {
         "discriminator.norm", "BatchNorm breaks"),
     "not_square": (lambda c: c["sampling"].update(samples=10), "sampling.samples", "perfect square"),
     "missing_name": (lambda c: c["training"]["pipeline"]["steps"][0].pop("name"), "training.pipeline.steps[0]", "'name' is a required property"),
+    "batch_over_processes": (
+        lambda c: c["training"].update(batch_size=30, distributed={"nproc_per_node": 2, "nnodes": 2}),
+        "training.batch_size", "30 images do not split evenly over 4 processes"),
+    "zero_timeout": (lambda c: c["training"].update(distributed={"timeout_s": 0}),
+                     "training.distributed.timeout_s", "less than or equal to the minimum"),
 }
 
 
@@ -109,3 +114,4 @@ def test_stage_command_refuses_bad_config(project):
         "vaeflow: error: config error in config/config.yaml: training.batch_size: 'big' is not of type 'integer'"
     ]
     assert not (project / "results").exists()
+

@@ -97,7 +97,7 @@ def cmd_train(args) -> int:
             cmd = multinode_command(dcfg["nnodes"], dcfg["nproc_per_node"], ["-m", "vaeflow.cli", *worker])
             print("vaeflow: " + shlex.join(cmd), flush=True)
             os.execvp(cmd[0], cmd)
-        return launch(worker, dcfg, args.rdzv_endpoint, args.rdzv_id)
+        return launch(worker, dcfg, args.rdzv_endpoint, args.rdzv_id, source=", ".join(args.config))
     import torch
 
     # The thread count changes float reduction order: the config fixes it, not the runner's env.

@@ -35,7 +35,6 @@ def family_config(family: str, nproc: int) -> dict:
     t["batch_size"] = 16
     t["log_every"] = 1
     t["save_every"] = 100  # resume checkpoints at epoch ends only
-    t["ema_decay"] = 0.5  # validation sees the trained weights, not the initial ones
     t["distributed"] = {"nproc_per_node": nproc, "backend": "gloo", "timeout_s": 60}
     t["pipeline"]["defaults"]["max_steps"] = 3
     gan = t["pipeline"]["steps"][1]

@@ -34,9 +34,10 @@ ENDPOINT_ENV = "VAEFLOW_RDZV_ENDPOINT"
 ID_ENV = "VAEFLOW_RDZV_ID"
 
 
-def torchrun_args(nproc_per_node: int, nnodes: int = 1, rdzv_endpoint: str | None = None,
-                  rdzv_id: str | None = None, timeout_s: float = 600) -> list[str]:
-    """torchrun's options (everything before the worker command) for this layout."""
+def torchrun_args(nproc_per_node: int, nnodes: int, rdzv_endpoint: str | None, rdzv_id: str | None,
+                  timeout_s: float, source: str | None = None) -> list[str]:
+    """torchrun's options (everything before the worker command) for this layout; `source`
+    names the config file(s) in errors."""
     if nnodes == 1:
         return ["--standalone", f"--nproc-per-node={nproc_per_node}"]
     if not rdzv_endpoint:
@@ -44,8 +45,9 @@ def torchrun_args(nproc_per_node: int, nnodes: int = 1, rdzv_endpoint: str | Non
 
         raise ConfigError(
             "training.distributed.nnodes",
-            f"is {nnodes}: every node needs the rendezvous endpoint, --rdzv-endpoint HOST:PORT "
-            f"(or {ENDPOINT_ENV}), the same on each node",
+            f"{nnodes} nodes need a rendezvous endpoint: pass --rdzv-endpoint HOST:PORT "
+            f"(or set {ENDPOINT_ENV}), the same on every node",
+            source,
         )
     return [
         f"--nnodes={nnodes}", f"--nproc-per-node={nproc_per_node}", "--rdzv-backend=c10d",
@@ -76,8 +78,10 @@ def failure_line(failures: dict) -> str:
     return "; ".join(_describe(r, failures[r]) for r in order)
 
 
-def launch(worker_argv: list[str], dcfg: dict, rdzv_endpoint: str | None = None, rdzv_id: str | None = None) -> int:
-    """Run `vaeflow <worker_argv>` under torchrun with training.distributed `dcfg`. Returns the exit code."""
+def launch(worker_argv: list[str], dcfg: dict, rdzv_endpoint: str | None = None, rdzv_id: str | None = None,
+           source: str | None = None) -> int:
+    """Run `vaeflow <worker_argv>` under torchrun with training.distributed `dcfg` (from the
+    config file(s) `source`). Returns the exit code."""
     from torch.distributed import DistError
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.elastic.rendezvous import RendezvousError
@@ -85,7 +89,7 @@ def launch(worker_argv: list[str], dcfg: dict, rdzv_endpoint: str | None = None,
 
     rdzv_endpoint = rdzv_endpoint or os.environ.get(ENDPOINT_ENV)
     rdzv_id = rdzv_id or os.environ.get(ID_ENV)
-    opts = torchrun_args(dcfg["nproc_per_node"], dcfg["nnodes"], rdzv_endpoint, rdzv_id, dcfg["timeout_s"])
+    opts = torchrun_args(dcfg["nproc_per_node"], dcfg["nnodes"], rdzv_endpoint, rdzv_id, dcfg["timeout_s"], source)
     # Workers whose peers failed are stopped with SIGTERM, then SIGKILL after this many seconds
     # (torchrun's default is 30); checkpoints are atomic, so there is nothing to wait for.
     os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "5")

@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from support import make_project, run
+from support import copy_prepared, make_project, run
 from test_resume import kill_after_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -29,13 +29,13 @@ def val_losses(project) -> list[float]:
     return [json.loads(l)["metrics"]["val_loss"] for l in lines if json.loads(l)["split"] == "val"]
 
 
-def test_two_processes_match_one_and_resume(tmp_path):
+def test_two_processes_match_one_and_resume(tmp_path, tiny_data):
     single, multi = make_project(tmp_path / "single"), make_project(tmp_path / "multi")
     configure(single, 1)
     configure(multi, 2)
     train = ["python", "scripts/train.py", "--config", "config/config.yaml", "--stage", "vae_warmup"]
     for p in (single, multi):
-        run(["python", "scripts/prepare.py", "--config", "config/config.yaml"], p)
+        copy_prepared(tiny_data, p)
     run(train, single)
 
     # Kill the 2-process run after a checkpoint, then rerun: every rank resumes from it.

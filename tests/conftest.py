@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from support import make_project
+from support import make_project, prepare_tiny
 
 # No test may reach a SLURM cluster that merely exists on this machine (or a real one, on a
 # login node), and Snakemake's SLURM plugin runs `scontrol show config` whenever snakemake
@@ -19,3 +19,10 @@ os.environ["SLURM_CONF"] = os.devnull
 @pytest.fixture
 def project(tmp_path) -> Path:
     return make_project(tmp_path / "project")
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """The tiny config's prepared digits (results/data of tests/configs/tiny.yaml), made once
+    per session; copy it with support.copy_prepared instead of running prepare again."""
+    return prepare_tiny(tmp_path_factory.mktemp("tiny_prepared"))

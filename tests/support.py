@@ -44,3 +44,19 @@ def make_project(dest: Path, config: Path = TINY) -> Path:
     shutil.copy(REPO / ".gitignore", dest / ".gitignore")
     shutil.copy(REPO / ".dvcignore", dest / ".dvcignore")
     return dest
+
+
+def prepare_tiny(dest: Path) -> Path:
+    """Prepare the tiny config's data into dest/data (in-process: no interpreter start-up)."""
+    import yaml
+
+    from vaeflow.data import prepare_dataset
+
+    prepare_dataset(yaml.safe_load(TINY.read_text())["data"], dest / "data")
+    return dest / "data"
+
+
+def copy_prepared(data: Path, project: Path) -> None:
+    """Put prepared data into project/results/data, as `scripts/prepare.py` would have.
+    Only for tests whose subject is not prepare itself."""
+    shutil.copytree(data, project / "results" / "data")

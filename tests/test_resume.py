@@ -86,25 +86,29 @@ def assert_same_tensors(a, b, where=""):
             assert_same_tensors(x, y, f"{where}[{i}]")
 
 
-def test_sigkill_and_resume_is_bit_exact(tmp_path):
-    from support import make_project
+def test_sigkill_and_resume_is_bit_exact(tmp_path, tiny_data):
+    from support import copy_prepared, make_project
 
     ref = make_project(tmp_path / "ref")
     cut = make_project(tmp_path / "cut")
     for p in (ref, cut):
         long_tiny(p)
-        run(["python", "scripts/prepare.py", "--config", "config/config.yaml"], p)
-    for stage in ("vae_warmup", "vae_gan"):
-        run(train_cmd(stage), ref)
-
-    # Warm-up killed once mid-epoch 1, GAN stage killed twice (epoch 1 and later).
-    kill_after_checkpoint(cut, "vae_warmup", 5)
-    log = run(train_cmd("vae_warmup"), cut).stdout
-    assert "Resuming from checkpoint: step=1 (vae_warmup)" in log
-    kill_after_checkpoint(cut, "vae_gan", 3)
-    kill_after_checkpoint(cut, "vae_gan", 20)
-    log = run(train_cmd("vae_gan"), cut).stdout
-    assert "Resuming from checkpoint: step=2 (vae_gan)" in log
+        copy_prepared(tiny_data, p)
+    # The uninterrupted reference trains beside the interrupted run (one thread each: 2 cores).
+    reference = subprocess.Popen(" && ".join(" ".join(train_cmd(s)) for s in ("vae_warmup", "vae_gan")), shell=True,
+                                 cwd=ref, env=tool_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        # Warm-up killed once mid-epoch 1, GAN stage killed twice (epoch 1 and later).
+        kill_after_checkpoint(cut, "vae_warmup", 5)
+        log = run(train_cmd("vae_warmup"), cut).stdout
+        assert "Resuming from checkpoint: step=1 (vae_warmup)" in log
+        kill_after_checkpoint(cut, "vae_gan", 3)
+        kill_after_checkpoint(cut, "vae_gan", 20)
+        log = run(train_cmd("vae_gan"), cut).stdout
+        assert "Resuming from checkpoint: step=2 (vae_gan)" in log
+    finally:
+        _, err = reference.communicate(timeout=600)
+    assert reference.returncode == 0, err[-4000:]
 
     for stage in ("vae_warmup", "vae_gan"):
         for name in ("last.pt", "best.pt"):
@@ -119,9 +123,11 @@ def test_sigkill_and_resume_is_bit_exact(tmp_path):
         assert len(ref_lines) == len(cut_lines)
 
 
-def test_snakemake_rerun_incomplete_resumes(project):
+def test_snakemake_rerun_incomplete_resumes(project, tiny_data):
+    from support import copy_prepared
+
     long_tiny(project)
-    run(["python", "scripts/prepare.py", "--config", "config/config.yaml"], project)
+    copy_prepared(tiny_data, project)
     # Snakemake runs the stage; kill its training process, as a node failure would.
     smk = subprocess.Popen(["snakemake", "--cores", "1", "results/vae_warmup/best.pt"], cwd=project, env=tool_env(),
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)

@@ -3,6 +3,8 @@ ends each gradient-accumulation window."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 from vaeflow import collectives
@@ -12,6 +14,20 @@ from vaeflow.trainer.faults import FaultPlan
 from vaeflow.trainer.guard import StepGuard
 from vaeflow.trainer.objective import Objective
 from vaeflow.trainer.state import TrainState
+
+
+@contextmanager
+def _frozen(module):
+    """The module's trainable parameters with requires_grad off while a graph is built through
+    it (autograd records at forward time, so the later backward skips them); restored after."""
+    params = [p for p in module.parameters() if p.requires_grad] if module is not None else []
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
 
 
 class TrainStep:
@@ -59,8 +75,9 @@ class TrainStep:
         for i, chunk in enumerate(chunks):
             final = closing and i == len(chunks) - 1  # the last backward before the optimizer step
             if opts.vae is not None:
-                loss, recon, logs = objective.generator(models.model, models.discriminator, chunk, state.global_step,
-                                                        adversarial, opts.scaler.scale)
+                with _frozen(models.discriminator):  # G's loss must not leave gradients in D's parameters
+                    loss, recon, logs = objective.generator(models.model, models.discriminator, chunk,
+                                                            state.global_step, adversarial, opts.scaler.scale)
                 loss = self._checked(loss, state)
                 if final:
                     self.reducers["vae"].arm()

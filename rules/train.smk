@@ -18,12 +18,12 @@ rule train:
     conda:
         "../envs/vaeflow.yaml"
     threads: VF["training"]["cpu_threads"]
+    # nnodes > 1 adds nodes, tasks and the `mpi` resource (vaeflow.trainer.slurm)
     resources:
+        **train_job_resources(VF["training"]["distributed"]["nnodes"]),
         mem_mb=8000,
         runtime=240,
         gpu=0,
-        # nnodes > 1: nodes, tasks and the `mpi` resource (vaeflow.trainer.slurm)
-        **train_job_resources(VF["training"]["distributed"]["nnodes"]),
     params:
         config=CONFIG_ARGS,
         code=CODE,

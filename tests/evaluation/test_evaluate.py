@@ -191,4 +191,10 @@ def test_config_rejects_bad_evaluation_and_sampling_keys(tmp_path):
     cfg["sampling"] = {"latent_dims": [0, 40]}
     with pytest.raises(ConfigError, match=r"sampling\.latent_dims.*32 dimensions"):
         check_code_level(validate(cfg))
-    assert base["evaluation"]["iw_samples"] == 64 and base["sampling"]["latent_range"] == [-3.0, 3.0]
+    # Defaults come from the schema when a config leaves the sections out (tiny.yaml sets k=16).
+    assert base["evaluation"]["iw_samples"] == 16
+    bare = yaml.safe_load(TINY.read_text())
+    bare.pop("evaluation", None)
+    bare.pop("sampling", None)
+    defaults = validate(bare)
+    assert defaults["evaluation"]["iw_samples"] == 64 and defaults["sampling"]["latent_range"] == [-3.0, 3.0]

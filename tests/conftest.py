@@ -15,6 +15,15 @@ from support import make_project, prepare_tiny
 # once. tests/test_slurm.py points SLURM_CONF at its own cluster for what it runs.
 os.environ["SLURM_CONF"] = os.devnull
 
+# pytest-xdist runs the suite in two workers on 2 cores, beside the jobs the tests start:
+# one intra-op thread per process, or OpenMP threads spin against each other (a 3 s test
+# took 50 s). Stage commands set their own count from training.cpu_threads.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(1)
+
 
 @pytest.fixture
 def project(tmp_path) -> Path:

@@ -160,6 +160,10 @@ def dist_project(dest: Path, nproc: int, nnodes: int = 1) -> Path:
     cfg = yaml.safe_load(path.read_text())
     t = cfg["training"]
     t["save_every"] = 3
+    # One intra-op thread per process whatever the topology (cpu_threads is divided among a
+    # node's processes): the thread count changes float reduction order, so 2 nodes x 1
+    # process must run with the threads of 1 node x 2 processes to match it bit for bit.
+    t["cpu_threads"] = nproc
     t["distributed"] = {"nproc_per_node": nproc, "nnodes": nnodes, "backend": "gloo", "timeout_s": DIST_TIMEOUT_S}
     t["pipeline"]["defaults"].update(max_steps=8, grad_clip=1.0)
     t["pipeline"]["steps"] = [{"name": "vae_gan", "n_epochs": 2, "gan_training": True, "disc_start": 8,
@@ -184,12 +188,13 @@ def node_cmds(nnodes: int, port: int) -> list[list[str]]:
     return [[*train_cmd("vae_gan"), "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "resume-test"]] * nnodes
 
 
-def start_nodes(project: Path, nnodes: int, tag: str) -> list[tuple[subprocess.Popen, Path]]:
+def start_nodes(project: Path, nnodes: int, tag: str, fault: str = "") -> list[tuple[subprocess.Popen, Path]]:
     port, procs = free_port(), []
     for i, cmd in enumerate(node_cmds(nnodes, port)):
         log = project / f"{tag}-node{i}.log"
         with open(log, "w") as f:
-            procs.append((subprocess.Popen(cmd, cwd=project, env=tool_env(**LOOPBACK), stdout=f, stderr=subprocess.STDOUT,
+            env = tool_env(**LOOPBACK, VAEFLOW_FAULT=fault)
+            procs.append((subprocess.Popen(cmd, cwd=project, env=env, stdout=f, stderr=subprocess.STDOUT,
                                            start_new_session=True), log))
     return procs
 
@@ -266,10 +271,12 @@ def two_process_ref(tmp_path_factory) -> Path:
 
 def test_two_processes_stuck_worker_times_out_and_resume_is_bit_exact(tmp_path, two_process_ref):
     cut = dist_project(tmp_path / "cut", nproc=2)
-    launchers = start_nodes(cut, 1, "cut")
-    wait_for_checkpoint(cut, launchers, 5)
+    # Rank 1 stops itself (SIGSTOP) at step 7, after the step-6 checkpoint: a hung worker,
+    # alive, never reaching the next collective. A signal from the test instead could land
+    # after the last collective of the stage (8 steps), and then nothing can time out.
+    launchers = start_nodes(cut, 1, "cut", fault="stop@step:7:rank=1")
+    wait_for_checkpoint(cut, launchers, 6)
     stuck = worker_pid(launchers, 1)
-    os.kill(stuck, signal.SIGSTOP)  # a hung worker: alive, never reaching the next collective
     t0 = time.time()
     try:
         [(rc, log)] = finish_nodes(launchers, DIST_TIMEOUT_S + 120)
@@ -291,9 +298,9 @@ def test_two_processes_stuck_worker_times_out_and_resume_is_bit_exact(tmp_path, 
 
 def test_two_nodes_on_loopback_match_one_node_and_resume_after_sigkill(tmp_path, two_process_ref):
     cut = dist_project(tmp_path / "cut", nproc=1, nnodes=2)
-    launchers = start_nodes(cut, 2, "cut")
-    wait_for_checkpoint(cut, launchers, 5)
-    os.kill(worker_pid(launchers, 1), signal.SIGKILL)
+    # Rank 1 dies (SIGKILL) at step 7, after the step-6 checkpoint, while rank 0 still has
+    # collectives ahead of it (a kill from the test could land after the last one).
+    launchers = start_nodes(cut, 2, "cut", fault="kill@step:7:rank=1")
     ended = finish_nodes(launchers, DIST_TIMEOUT_S + 120)
     assert all(rc == 1 for rc, _ in ended), [log[-2000:] for _, log in ended]
     lines = [l for _, log in ended for l in log.splitlines() if l.startswith("vaeflow: error: training failed:")]

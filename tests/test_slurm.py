@@ -105,10 +105,10 @@ def toy_case() -> SlurmCase:
 # Infrastructure
 # --------------------------------------------------------------------------
 
-# The profile polls job states every 20 s at first (meant for real clusters);
-# the toy jobs take seconds, so poll sooner here. Everything else comes from
-# profiles/slurm unchanged (plus --max-threads, see SnakemakeRun).
-FAST_STATUS = ["--slurm-init-seconds-before-status-checks", "5"]
+# The profile polls job states after 20 s at first and every 10 s then (meant for real
+# clusters); the toy jobs take seconds, so poll sooner and more often here. Everything
+# else comes from profiles/slurm unchanged (plus --max-threads, see SnakemakeRun).
+FAST_STATUS = ["--slurm-init-seconds-before-status-checks", "2", "--seconds-between-status-checks", "2"]
 
 SUBMITTED_RE = re.compile(
     r"Job (?P<job>\d+) has been submitted with SLURM jobid (?P<slurm>\d+) \(log: (?P<log>[^)]*)\)"

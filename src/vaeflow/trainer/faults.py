@@ -7,6 +7,7 @@
     VAEFLOW_FAULT=nan@step:5:once              only the first attempt of step 5 fails
     VAEFLOW_FAULT=nan@step:5:always            fails even after rollbacks
     VAEFLOW_FAULT=kill@step:8:rollbacks=1      SIGKILL at step 8 once the stage has rolled back once
+    VAEFLOW_FAULT=stop@step:7:rank=1           SIGSTOP on rank 1 at step 7: a hung worker, alive
     VAEFLOW_FAULT=nan@step:5:rank=1            on data-parallel rank 1 only (RANK, set by torchrun)
     VAEFLOW_FAULT="nan@step:5;kill@step:9"     several faults, separated by ';'
 
@@ -19,7 +20,8 @@ fails every attempt (the stage stops after training.nonfinite.max_rollbacks);
 `rollbacks=K` fires only after exactly K rollbacks. Whether a fault fires depends only on
 the step and on counters kept in the checkpoint, so a killed and resumed run meets the
 same faults as an uninterrupted one. `kill` kills the process (SIGKILL) at that point of
-the step, as a node failure would, for resume tests.
+the step, as a node failure would, for resume tests; `stop` stops it (SIGSTOP), as a hung
+worker would, for collective-timeout tests.
 
 Unset or empty, `from_env()` returns None and the trainer calls nothing of this module.
 """
@@ -37,9 +39,9 @@ import torch
 from vaeflow.config import ConfigError
 
 ENV = "VAEFLOW_FAULT"
-KINDS = ("nan", "inf", "grad-nan", "kill")
+KINDS = ("nan", "inf", "grad-nan", "kill", "stop")
 _FAULT = re.compile(r"^(?P<kind>[a-z-]+)@step:(?P<steps>\d+(?:,\d+)*)(?P<opts>(?::[a-z]+(?:=[A-Za-z0-9_]*)?)*)$")
-_USAGE = ("expected KIND@step:N[,N...][:stage=NAME][:rank=R][:once|:always|:rollbacks=K] (KIND: nan, inf, grad-nan, kill), "
+_USAGE = ("expected KIND@step:N[,N...][:stage=NAME][:rank=R][:once|:always|:rollbacks=K] (KIND: nan, inf, grad-nan, kill, stop), "
           "';' between faults")
 
 
@@ -119,11 +121,12 @@ class FaultPlan:
 
     def at_step(self, params, state) -> None:
         """At the optimizer step, before the guard looks: a NaN into the first gradient
-        (grad-nan), or SIGKILL of this process (kill)."""
+        (grad-nan), SIGKILL (kill) or SIGSTOP (stop) of this process."""
         kinds = self._kinds(state)
-        if "kill" in kinds:
-            sys.stdout.flush()
-            os.kill(os.getpid(), signal.SIGKILL)
+        for kind, sig in (("kill", signal.SIGKILL), ("stop", signal.SIGSTOP)):
+            if kind in kinds:
+                sys.stdout.flush()
+                os.kill(os.getpid(), sig)
         if "grad-nan" not in kinds:
             return
         for p in params:

@@ -3,8 +3,8 @@
     python benchmarks/bench_pipeline.py [--config config/config.yaml] [--cores 8] [--keep DIR]
 
 Copies this checkout's files (tracked and untracked-not-ignored, as a fresh clone would
-have them plus your uncommitted edits) into a temp directory, runs `git init` + `dvc init`
-there, then:
+have them plus your uncommitted edits) into a temp directory, runs `git init` there (`.dvc/`
+is part of the checkout), then:
 
 1. `snakemake --cores N` (the README's main job), timed end to end;
 2. per-job times from `results/benchmarks/*.tsv` (Snakemake's `benchmark:` files);
@@ -95,7 +95,7 @@ def main(argv=None) -> int:
         copy_checkout(work)
         if args.config:
             shutil.copy(args.config, work / "config" / "config.yaml")
-        sh("git init -q && git config user.email b@b && git config user.name b && dvc init -q", work)
+        sh("git init -q && git config user.email b@b && git config user.name b", work)  # .dvc/ comes with the checkout
         print(f"work dir: {work}", flush=True)
 
         total, _ = sh(f"snakemake --cores {args.cores}", work)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 import zlib
 from pathlib import Path
 
@@ -142,6 +143,15 @@ class PreparedDataset(Dataset):
         x = self._binarize(self._to_float(raw), idx)
         return list(x.unbind(0))
 
+    def release_pages(self) -> None:
+        """Unmap the pages of the memmap read so far (the page cache keeps them, so a later
+        read is a minor fault). Streaming a large split then holds only the current batch's
+        pages: without it, random rows (a PCA subsample) map most of a 2 GB file, since the
+        kernel maps neighbouring cached pages around every fault."""
+        raw = getattr(self._arr, "_mmap", None)  # numpy keeps the mmap of an np.load(mmap_mode=...) array there
+        if raw is not None and hasattr(raw, "madvise"):
+            raw.madvise(mmap.MADV_DONTNEED)
+
     def tensor(self) -> torch.Tensor:
         """The whole split as one float32 tensor (for small data that fits in memory)."""
         return self._binarize(self._to_float(self.array[:]), range(self._len))
@@ -149,3 +159,13 @@ class PreparedDataset(Dataset):
     def __repr__(self) -> str:
         return (f"PreparedDataset(root={str(self.root)!r}, split={self.split!r}, n={self._len}, "
                 f"item_shape={self.item_shape}, binarize={self.binarize!r})")
+
+
+def stack_items(ds, idx: list[int]) -> torch.Tensor:
+    """Items `idx` of any map-style dataset as one [B, ...] tensor; a PreparedDataset reads them
+    in one batched memmap read and unmaps the pages after (bounded memory when streaming)."""
+    if isinstance(ds, PreparedDataset):
+        out = torch.stack(ds.__getitems__(idx))
+        ds.release_pages()
+        return out
+    return torch.stack([ds[i] for i in idx])

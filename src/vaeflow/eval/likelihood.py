@@ -9,6 +9,7 @@ import math
 import torch
 
 from vaeflow import metrics as M
+from vaeflow.data.dataset import stack_items
 from vaeflow.metrics import to_model_range as _to_model_range
 
 
@@ -17,7 +18,7 @@ def batches(ds, batch_size: int, limit: int | None = None):
     n = len(ds) if limit is None else min(limit, len(ds))
     for start in range(0, n, batch_size):
         idx = list(range(start, min(start + batch_size, n)))
-        yield torch.stack(ds.__getitems__(idx)) if hasattr(ds, "__getitems__") else torch.stack([ds[i] for i in idx])
+        yield stack_items(ds, idx)
 
 
 def first_param(model) -> torch.Tensor:

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from vaeflow import metrics as M
+from vaeflow.data.dataset import stack_items
 
 FIT_BYTES = 1 << 30  # the float32 fit matrix stays under 1 GiB
 EXACT_MAX = 2048  # exact SVD when min(images, dims) is at most this
@@ -33,8 +34,7 @@ class PCAFit:
 
 
 def _rows(ds, idx: list[int]) -> torch.Tensor:
-    items = ds.__getitems__(idx) if hasattr(ds, "__getitems__") else [ds[i] for i in idx]
-    return torch.stack(items).flatten(1)
+    return stack_items(ds, idx).flatten(1)
 
 
 def randomized_components(x: torch.Tensor, k: int, generator: torch.Generator,

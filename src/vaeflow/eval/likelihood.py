@@ -13,6 +13,9 @@ from vaeflow.data.dataset import stack_items
 from vaeflow.metrics import to_model_range as _to_model_range
 
 
+DECODE_ELEMENTS = 1 << 21  # pixel values decoded per call of the IW-NLL estimate
+
+
 def batches(ds, batch_size: int, limit: int | None = None):
     """[B, ...] CPU tensors of the first `limit` items (all when None), in order."""
     n = len(ds) if limit is None else min(limit, len(ds))
@@ -94,7 +97,10 @@ def nll_section(model, test_ds, sigma_ds, cfg, recon_type, levels, dims, gen, lo
     decode, kind = decode_fn(model)
     limit = cfg["nll_max_images"]
     img_bs = max(1, min(cfg["batch_size"], 64))
-    chunk = max(1, cfg["batch_size"] * 4 // img_bs)
+    # Posterior samples decoded per call: at most DECODE_ELEMENTS pixel values, since the
+    # likelihood's float64 temporaries scale with them (64 images x 16 samples of 64x64 RGB
+    # took 1.5 GB); small images keep 4 x batch_size / img_bs samples per call.
+    chunk = max(1, min(cfg["batch_size"] * 4 // img_bs, DECODE_ELEMENTS // (img_bs * dims)))
     sums = {"neg_elbo": 0.0, "neg_elbo_mc": 0.0, "iw_nll": 0.0, "recon_nll": 0.0, "kl": 0.0}
     n = 0
     device = first_param(model).device

@@ -17,8 +17,9 @@ rule evaluate:
     conda:
         "../envs/vaeflow.yaml"
     threads: 1
+    # peak 2.8 GB at CelebA size (benchmarks/bench_eval_memory.py), plus 25 %
     resources:
-        mem_mb=4000,
+        mem_mb=3500,
         runtime=30,
     params:
         config=CONFIG_ARGS,

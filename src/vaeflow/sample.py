@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from vaeflow.checkpoint import atomic_write
+from vaeflow.data.dataset import stack_items
 from vaeflow.config import schema_defaults
 from vaeflow.layout import MANIFEST, Layout, StageLayout
 from vaeflow.grid import make_grid, to_uint8
@@ -221,8 +222,7 @@ def save_grid(grid: Grid, path: str | Path, title: str = "") -> Path:
 
 
 def _images(ds, n: int, offset: int = 0) -> torch.Tensor:
-    idx = [(offset + i) % len(ds) for i in range(n)]
-    return torch.stack(ds.__getitems__(idx))
+    return stack_items(ds, [(offset + i) % len(ds) for i in range(n)])
 
 
 @torch.no_grad()

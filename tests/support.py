@@ -18,6 +18,7 @@ def tool_env(**extra) -> dict:
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.setdefault("OMP_NUM_THREADS", "1")  # tests run jobs side by side on 2 cores
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle threads sleep: no spinning against the other jobs
     env.update(extra)
     return env
 

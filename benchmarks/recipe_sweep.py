@@ -31,22 +31,14 @@ from vaeflow.trainer import run_stage
 REPO = Path(__file__).resolve().parent.parent
 
 
-def merge(base: dict, over: dict) -> None:
-    for k, v in over.items():
-        if isinstance(v, dict) and isinstance(base.get(k), dict):
-            merge(base[k], v)
-        else:
-            base[k] = v
-
-
 def main() -> None:
     name = sys.argv[1]
     over = ast.literal_eval(sys.argv[2]) if len(sys.argv) > 2 else {}
     raw = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     steps_over = over.pop("steps", None) or []
-    merge(raw, over)
-    for step, o in zip(raw["training"]["pipeline"]["steps"], steps_over):
-        merge(step, o)
+    raw = cfg.deep_merge(raw, over)
+    steps = raw["training"]["pipeline"]["steps"]
+    steps[: len(steps_over)] = [cfg.deep_merge(step, o) for step, o in zip(steps, steps_over)]
     config = cfg.validate(raw)
     torch.set_num_threads(config["training"]["cpu_threads"])  # as `vaeflow train` does
     root = Path(tempfile.mkdtemp(prefix=f"recipe_{name}_"))

@@ -15,28 +15,32 @@ from support import make_project, prepare_tiny
 # once. tests/test_slurm.py points SLURM_CONF at its own cluster for what it runs.
 os.environ["SLURM_CONF"] = os.devnull
 
-# pytest-xdist runs the suite in two workers on 2 cores, beside the jobs the tests start:
-# one intra-op thread per process, or OpenMP threads spin against each other (a 3 s test
-# took 50 s). Stage commands set their own count from training.cpu_threads.
-# Idle OpenMP threads sleep instead of spinning (OMP_WAIT_POLICY=PASSIVE), in the workers and in
-# every job they start: spinning threads of side-by-side processes made an in-process bf16 test
-# take 653 s instead of 55 s in CI. Only scheduling changes, never the numbers.
+# pytest-xdist runs the suite in two workers on 2 cores, beside the jobs the tests start: one
+# intra-op thread per worker, and idle OpenMP threads that sleep instead of spinning
+# (OMP_WAIT_POLICY=PASSIVE, inherited by every job; support.tool_env sets it too). Spinning
+# threads of side-by-side processes made an in-process bf16 test take 653 s instead of 55 s.
+# Only scheduling changes, never the numbers. Stage commands set their own count from
+# training.cpu_threads.
 XDIST = bool(os.environ.get("PYTEST_XDIST_WORKER"))
 if XDIST:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    import torch
 
-    torch.set_num_threads(1)
+
+def _one_thread() -> None:
+    if XDIST:
+        import torch
+
+        torch.set_num_threads(1)
+
+
+_one_thread()  # for session fixtures, which start before the per-test reset below
 
 
 @pytest.fixture(autouse=True)
 def _one_thread_per_worker():
     """Back to one thread before each test: `vaeflow train` run in-process sets its own count."""
-    if XDIST:
-        import torch
-
-        torch.set_num_threads(1)
+    _one_thread()
     yield
 
 

@@ -74,6 +74,22 @@ def test_auto_picks_bf16_for_a_large_model_on_a_bf16_cpu():
     assert "amx_bf16" in p.describe()
 
 
+def test_auto_threshold_sits_between_the_measured_no_gain_and_gain_points():
+    """benchmarks/bench_bf16_cpu.py on a 2-core AVX512-BF16 CPU: the default model at 16 px
+    (0.10 GFLOP/img) 1.03x, the same model at 32 px (0.42) 1.19x: auto picks fp32 for the first
+    and bf16 for the second on such a CPU."""
+    from vaeflow.models import build_model
+
+    config = cfg.load([REPO / "config" / "config.yaml"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = build_model({**config["model"], "resolution": 32})
+    sample = torch.rand(1, 1, 32, 32)
+    assert forward_gflop_per_image(model, sample) > CPU_BF16_MIN_GFLOP
+    assert choose_precision("auto", "bf16", CPU, model, sample, cpu=AMX).name == "bf16"
+    assert choose_precision("auto", "bf16", CPU, model, sample, cpu=NO_BF16).name == "fp32"
+
+
 @pytest.mark.parametrize("use_amp, amp_dtype, cpu, expect", [
     (False, "bf16", AMX, "fp32"),
     ("fp32", "bf16", AMX, "fp32"),

@@ -1,15 +1,16 @@
 """Does bf16 autocast pay on this CPU, model by model? The measurement behind `use_amp: auto`.
 
-    python benchmarks/bench_bf16_cpu.py [--steps 8] [--threads 2]
+    python benchmarks/bench_bf16_cpu.py [--steps 12] [--rounds 2] [--threads 2] [--only LABEL]
 
-For the default 16 px digits model, the same model at 32 px and the CelebA preset's 64 px model
-at its configured size (MNIST's CNN VAE is not an AutoencoderKL; CT's 256 px model is left out: 11 s a step in fp32, measured once at 2.52x), one train step (forward with a sampled posterior, MSE + 1e-6 KL, backward, AdamW) is
-timed in fp32 (the baseline) and under bf16 autocast, each in a process of its own (fp32 steps
-interleaved with bf16 ones in one process ran 1.7x slower at 16 px than alone: the comparison
-would flatter bf16), the two alternating, --rounds processes each; median step of each process,
-fastest process. Prints forward GFLOP per image, both step times, the bf16/fp32 speedup,
-and what `use_amp: auto` (vaeflow.trainer.precision.choose_precision) picks for that model on
-this processor, so the policy's threshold can be checked against the measured crossover.
+Models: the default 16 px digits model, the same model at 32 px, and the CelebA preset's 64 px
+model (CT's 256 px model is left out: 11 s a step in fp32; measured once at 2.52x). One train
+step (forward with a sampled posterior, MSE + 1e-6 KL, backward, AdamW) is timed in fp32 (the
+baseline) and under bf16 autocast, each in a process of its own, the two alternating, --rounds
+processes each: median step of a process, fastest process. (Interleaved in one process, fp32
+steps ran 1.7x slower at 16 px than alone, which flatters bf16.) Prints forward GFLOP per
+image, both step times, the bf16/fp32 speedup and what `use_amp: auto`
+(vaeflow.trainer.precision.choose_precision) picks for that model on this processor, so the
+policy's threshold can be checked against the measured crossover.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def preset_model(name: str, **over) -> dict:
     return {**yaml.safe_load((REPO / "config" / name).read_text())["model"], **over}
 
 
-# (label, model section, batch size): batch sizes as the presets train (CT smaller: 256 px).
+# (label, model section, batch size): batch sizes as the presets train.
 CASES = [
     ("default 16 px (config.yaml)", preset_model("config.yaml"), 32),
     ("default model at 32 px", preset_model("config.yaml", resolution=32), 32),

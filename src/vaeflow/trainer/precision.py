@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 # Below this many forward GFLOP per image, `use_amp: auto` keeps a bf16-capable CPU in fp32:
-# between the measured no-gain point (0.10: 1.03x) and the first clear gain (0.42: 1.19x).
+# between the measured no-gain and first-gain points (the module docstring).
 CPU_BF16_MIN_GFLOP = 0.25
 CPUINFO = Path("/proc/cpuinfo")
 _BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo names of native bf16 arithmetic
@@ -153,7 +153,7 @@ def _auto_or_on(mode: str, dev: str, model, sample, feats: CpuFeatures) -> Preci
     if gflop < CPU_BF16_MIN_GFLOP:
         return Precision("fp32", dev, f"{label}: this CPU has {feats.describe()}, but the model's forward pass is "
                                       f"{gflop:.2f} GFLOP per image, under the {CPU_BF16_MIN_GFLOP:g} GFLOP where "
-                                      "bf16 autocast pays on a CPU (measured: 1.03x at the default "
-                                      "model's 0.10; use_amp: bf16 forces it)")
+                                      "bf16 autocast pays on a CPU (benchmarks/bench_bf16_cpu.py; "
+                                      "use_amp: bf16 forces it)")
     return Precision("bf16", dev, f"{label}: this CPU has {feats.describe()}; forward pass "
                                   f"{gflop:.1f} GFLOP per image >= {CPU_BF16_MIN_GFLOP:g}")

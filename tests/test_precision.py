@@ -3,6 +3,8 @@ training stays within 0.2 dB PSNR of fp32 on the default config."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -88,6 +90,44 @@ def test_auto_threshold_sits_between_the_measured_no_gain_and_gain_points():
     assert forward_gflop_per_image(model, sample) > CPU_BF16_MIN_GFLOP
     assert choose_precision("auto", "bf16", CPU, model, sample, cpu=AMX).name == "bf16"
     assert choose_precision("auto", "bf16", CPU, model, sample, cpu=NO_BF16).name == "fp32"
+
+
+@pytest.mark.parametrize("preset, shape", [
+    ("config.yaml", (1, 1, 16, 16)), ("celeba.yaml", (1, 3, 64, 64)), ("ct3d.yaml", (1, 1, 8, 32, 32)),
+])
+def test_flop_count_agrees_with_torch_flop_counter(preset, shape):
+    """The hook count (convolutions, linear layers, attention) within 3 % of FlopCounterMode,
+    which also counts a few smaller ops; 2D and 3D, with attention (CelebA) and without."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from vaeflow.models import build_model
+
+    config = cfg.load([REPO / "config" / preset])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = build_model({**config["model"], "resolution": list(shape[2:])})
+    x = torch.rand(*shape)
+    model.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model.ae_forward(x, sample_posterior=False)
+    reference = counter.get_total_flops() / 1e9
+    assert forward_gflop_per_image(model, x) == pytest.approx(reference, rel=0.03)
+
+
+def test_sizing_a_model_does_not_import_dynamo():
+    """Every stage start sizes its model on a bf16 CPU: FlopCounterMode would import
+    torch._dynamo there (about 1.3 CPU-s a process)."""
+    code = (
+        "import sys, torch, warnings; warnings.simplefilter('ignore')\n"
+        "from vaeflow.models import build_model\n"
+        "from vaeflow.trainer.precision import forward_gflop_per_image\n"
+        "m = build_model({'type': 'autoencoder_kl', 'in_channels': 1, 'resolution': 16, 'base_ch': 16, 'ch_mult': [1, 2]})\n"
+        "assert forward_gflop_per_image(m, torch.rand(1, 1, 16, 16)) > 0\n"
+        "print('torch._dynamo' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
 
 
 @pytest.mark.parametrize("use_amp, amp_dtype, cpu, expect", [

@@ -67,9 +67,13 @@ def cmd_validate(args) -> int:
 
 
 def cmd_prepare(args) -> int:
+    from vaeflow import config as cfg
     from vaeflow.data import prepare_dataset
 
-    config = _load_config(args)
+    # Schema checks only: prepare reads the data section, and the model-code checks
+    # (vaeflow.preflight) would import torch, 2 s on the pipeline's critical path; every
+    # later stage command runs them before it writes anything.
+    config = cfg.load(args.config)
     manifest = prepare_dataset(config["data"], Layout(args.results).data)
     counts = manifest.get("counts", {})
     print(f"prepared {config['data']['dataset']}: " + ", ".join(f"{k}={v}" for k, v in counts.items()))

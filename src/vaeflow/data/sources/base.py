@@ -134,34 +134,46 @@ def to_channels(x: np.ndarray, channels: int, key: str) -> np.ndarray:
     raise DataError(f"{key}: cannot convert {c} channels to {channels}")
 
 
+def _aa_weights(in_size: int, out_size: int) -> np.ndarray:
+    """[out, in] weights of antialiased bilinear resampling: a triangle filter widened by the
+    downscale factor, renormalised at the borders; the weights of
+    `torch.nn.functional.interpolate(mode="bilinear", antialias=True, align_corners=False)`
+    (and PIL's BILINEAR), computed in float64."""
+    scale = in_size / out_size
+    support = max(scale, 1.0)  # the filter's half-width in input pixels
+    invscale = 1.0 / scale if scale >= 1.0 else 1.0
+    w = np.zeros((out_size, in_size), dtype=np.float64)
+    for i in range(out_size):
+        center = scale * (i + 0.5)
+        lo, hi = max(int(center - support + 0.5), 0), min(int(center + support + 0.5), in_size)
+        taps = np.clip(1.0 - np.abs((np.arange(lo, hi) - center + 0.5) * invscale), 0.0, None)
+        if taps.sum() > 0:
+            w[i, lo:hi] = taps / taps.sum()
+    return w
+
+
 def resize_square(x: np.ndarray, size: int | None) -> np.ndarray:
     """Resize float images so the shorter side is ``size`` (bilinear, antialiased),
     then center-crop to ``size x size``. ``x``: [C, H, W] or [N, C, H, W].
-    ``size=None`` keeps the native size."""
+    ``size=None`` keeps the native size. NumPy, not torch: `prepare` needs no torch import
+    (2 s at the head of the pipeline); tests/data/test_resize.py holds it to torch's
+    `interpolate(antialias=True)`."""
     if size is None:
         return x
     h, w = x.shape[-2:]
     if h == size and w == size:
         return x
-    import torch
-    import torch.nn.functional as F
-
-    t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-    single = t.ndim == 3
-    if single:
-        t = t.unsqueeze(0)
     if h != w:
         scale = size / min(h, w)
         nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
     else:
         nh = nw = size
-    if (nh, nw) != (h, w):
-        t = F.interpolate(t, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
+    t = np.asarray(x, dtype=np.float32)
+    if (nh, nw) != (h, w):  # rows, then columns (float32, as torch computes it)
+        t = np.matmul(_aa_weights(h, nh).astype(np.float32), t)
+        t = np.matmul(t, _aa_weights(w, nw).T.astype(np.float32))
     top, left = (nh - size) // 2, (nw - size) // 2
-    t = t[..., top:top + size, left:left + size].clamp_(0.0, 1.0)
-    if single:
-        t = t.squeeze(0)
-    return t.numpy()
+    return np.clip(t[..., top:top + size, left:left + size], 0.0, 1.0).astype(np.float32)
 
 
 def center_crop(x: np.ndarray, size: int) -> np.ndarray:

@@ -2,8 +2,8 @@
 
     python benchmarks/bench_bf16_cpu.py [--steps 12] [--rounds 2] [--threads 2] [--only LABEL]
 
-Models: the default 16 px digits model, the same model at 32 px, and the CelebA preset's 64 px
-model (CT's 256 px model is left out: 11 s a step in fp32; measured once at 2.52x). One train
+Models: the default 16 px digits model (base_ch 16), the earlier default (base_ch 32) at 16 px
+and at 32 px, and the CelebA preset's 64 px model (CT's 256 px model is left out: 11 s a step in fp32; measured once at 2.52x). One train
 step (forward with a sampled posterior, MSE + 1e-6 KL, backward, AdamW) is timed in fp32 (the
 baseline) and under bf16 autocast, each in a process of its own, the two alternating, --rounds
 processes each: median step of a process, fastest process. (Interleaved in one process, fp32
@@ -38,8 +38,9 @@ def preset_model(name: str, **over) -> dict:
 
 # (label, model section, batch size): batch sizes as the presets train.
 CASES = [
-    ("default 16 px (config.yaml)", preset_model("config.yaml"), 32),
-    ("default model at 32 px", preset_model("config.yaml", resolution=32), 32),
+    ("default 16 px (config.yaml)", preset_model("config.yaml"), 16),
+    ("base_ch 32 at 16 px (the earlier default)", preset_model("config.yaml", base_ch=32), 32),
+    ("base_ch 32 at 32 px", preset_model("config.yaml", base_ch=32, resolution=32), 32),
     ("celeba 64 px (celeba.yaml)", preset_model("celeba.yaml"), 16),
 ]
 

@@ -8,8 +8,9 @@
                  model's forward pass is at least CPU_BF16_MIN_GFLOP per image; smaller
                  models stay fp32: casts and small kernels eat the gain. Measured on a
                  2-core AVX512-BF16 CPU (benchmarks/bench_bf16_cpu.py): the default 16 px
-                 model (0.10 GFLOP per image) 1.03x, the same model at 32 px (0.42) 1.19x,
-                 the CelebA preset (13.9) 1.87x, CT's 256 px model (223) 2.52x. Without
+                 model (0.03 GFLOP per image) 0.78x, the digits model with base_ch 32
+                 (0.10) 0.97x at 16 px and 1.16x at 32 px (0.42), the CelebA preset
+                 (13.9) 1.87x, CT's 256 px model (223) 2.52x. Without
                  native bf16 the CPU emulates it and a train step is about 2x slower
                  (measured), so fp32;
            other devices (MPS): fp32.

@@ -20,7 +20,20 @@ def build_optimizer(params, cfg: dict) -> torch.optim.Optimizer:
         raise ValueError(f"optimizer type {kind!r} not supported (use {', '.join(OPTIMIZERS)})")
     if "betas" in cfg:
         cfg["betas"] = tuple(cfg["betas"])
+    params = list(params)
+    if kind in ("Adam", "AdamW") and "fused" not in cfg and "foreach" not in cfg and _fusable(params):
+        # One kernel over all parameters instead of a Python loop over them (torch's default
+        # on CPU): ~10 % of a default-config step. `fused: false` in the config turns it off.
+        cfg["fused"] = True
     return OPTIMIZERS[kind](params, **cfg)
+
+
+def _fusable(params: list) -> bool:
+    """torch's fused Adam takes floating-point tensors on one CPU or CUDA device."""
+    tensors = [p["params"] if isinstance(p, dict) else [p] for p in params]
+    flat = [t for group in tensors for t in group]
+    return bool(flat) and all(t.is_floating_point() and t.device.type in ("cpu", "cuda") for t in flat) \
+        and len({t.device for t in flat}) == 1
 
 
 def build_scheduler(optimizer, cfg: dict | None, total_epochs: int):

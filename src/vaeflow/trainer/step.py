@@ -39,6 +39,10 @@ class TrainStep:
         self.accum = step["grad_accum_steps"]
         self.on_cuda = objective.devices.main.type == "cuda"
         self._snapshots = (None, None)
+        # The trainable parameters are fixed when the stage is built (build.freeze_modules):
+        # listed once, not walked through the module tree at every step.
+        self._vae = [p for p in models.model.parameters() if p.requires_grad]
+        self._disc = list(models.discriminator.parameters()) if opts.disc is not None else []
         # Gradient averaging over ranks, overlapped with backward (no-ops single-process).
         self.reducers = {"vae": dist.reducer(self._vae_params()), "disc": dist.reducer(self._disc_params())}
 
@@ -105,10 +109,10 @@ class TrainStep:
         return loss
 
     def _vae_params(self) -> list:
-        return [p for p in self.models.model.parameters() if p.requires_grad]
+        return self._vae
 
     def _disc_params(self) -> list:
-        return list(self.models.discriminator.parameters()) if self.opts.disc is not None else []
+        return self._disc
 
     def _restore_grads(self) -> None:
         for group, snap in zip((self._vae_params(), self._disc_params()), self._snapshots):

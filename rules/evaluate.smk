@@ -26,5 +26,5 @@ rule evaluate:
         code=CODE,
         evaluation=json.dumps([VF["seed"], VF["evaluation"]], sort_keys=True),
     shell:
-        f"python scripts/evaluate.py --config {{params.config}} --results {RESULTS} "
+        f"{BESIDE_TRAINING} python scripts/evaluate.py --config {{params.config}} --results {RESULTS} "
         "--stage {wildcards.stage} > {log} 2>&1"

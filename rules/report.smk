@@ -25,7 +25,7 @@ rule curves:
     params:
         code=CODE,
     shell:
-        f"python scripts/curves.py --results {RESULTS} "
+        f"{BESIDE_TRAINING} python scripts/curves.py --results {RESULTS} "
         "--stage {wildcards.stage} > {log} 2>&1"
 
 

@@ -24,5 +24,5 @@ rule sample:
         code=CODE,
         sampling=json.dumps([VF["seed"], VF["sampling"]], sort_keys=True),
     shell:
-        f"python scripts/sample.py --config {{params.config}} --results {RESULTS} "
+        f"{BESIDE_TRAINING} python scripts/sample.py --config {{params.config}} --results {RESULTS} "
         "--stage {wildcards.stage} > {log} 2>&1"

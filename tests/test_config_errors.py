@@ -40,6 +40,10 @@ CASES = {
     "bad_optimizer": (
         lambda c: c["training"]["pipeline"]["defaults"]["optimization"]["optimizers"]["vae"].update(type="Adagrad"),
         "training.pipeline.defaults.optimization.optimizers.vae.type", "is not one of"),
+    "fused_sgd": (
+        lambda c: c["training"]["pipeline"]["steps"][1].update(
+            optimization={"optimizers": {"discriminator": {"type": "SGD", "lr": 0.01, "fused": True}}}),
+        "training.pipeline.steps[1].optimization.optimizers.discriminator.fused", "applies to Adam and AdamW, not SGD"),
     "r1_with_batchnorm": (
         lambda c: (c["discriminator"].update(norm="batch"), c["training"]["pipeline"]["steps"][1].update(r1_gamma=1.0)),
         "discriminator.norm", "BatchNorm breaks"),

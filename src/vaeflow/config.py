@@ -222,6 +222,10 @@ def _check_semantics(config: dict, source: str | None) -> None:
             raise ConfigError(f"{where}.freeze", f"{conflict} both frozen and unfrozen", source)
         if not (step["train_vae"] or step["gan_training"]):
             raise ConfigError(where, "enables no training mode (set train_vae and/or gan_training)", source)
+        for part, opt in step["optimization"]["optimizers"].items():
+            if "fused" in opt and opt["type"] not in ("Adam", "AdamW"):
+                raise ConfigError(f"{where}.optimization.optimizers.{part}.fused",
+                                  f"applies to Adam and AdamW, not {opt['type']}", source)
         if step["gan_training"] and "discriminator" not in step["optimization"]["optimizers"]:
             raise ConfigError(f"{where}.optimization.optimizers", "gan_training needs a discriminator optimizer", source)
         if step["gan_training"] and step["r1_gamma"] > 0 and config["discriminator"]["norm"] == "batch":

@@ -23,7 +23,7 @@ def build_optimizer(params, cfg: dict) -> torch.optim.Optimizer:
     params = list(params)
     if kind in ("Adam", "AdamW") and "fused" not in cfg and "foreach" not in cfg and _fusable(params):
         # One kernel over all parameters instead of a Python loop over them (torch's default
-        # on CPU): ~10 % of a default-config step. `fused: false` in the config turns it off.
+        # on CPU): ~10 % of a default-config step. `fused: false` in the config (Adam, AdamW) turns it off.
         cfg["fused"] = True
     return OPTIMIZERS[kind](params, **cfg)
 

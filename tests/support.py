@@ -61,3 +61,13 @@ def copy_prepared(data: Path, project: Path) -> None:
     """Put prepared data into project/results/data, as `scripts/prepare.py` would have.
     Only for tests whose subject is not prepare itself."""
     shutil.copytree(data, project / "results" / "data")
+
+
+def push_and_clone(project: Path, tmp_path: Path, **env_extra) -> Path:
+    """dvc push to a local-directory remote, commit, and git clone into tmp_path/clone."""
+    run(["dvc", "remote", "add", "-d", "local", str(tmp_path / "remote")], project, **env_extra)
+    run(["dvc", "push"], project, **env_extra)
+    run("git add -A && git commit -qm experiment", project)
+    clone = tmp_path / "clone"
+    run(["git", "clone", "-q", str(project), str(clone)], tmp_path)
+    return clone

@@ -1,17 +1,16 @@
-"""DVC end to end: repro, no-op repro, per-stage rerun, push/pull into a fresh clone,
-and Snakemake's DAG equal to DVC's."""
+"""DVC end to end: Snakemake's DAG equal to DVC's, dvc.yaml current, a `dvc add`-ed raw
+dataset feeding prepare through a remote. The whole pipeline under `dvc repro`, its metrics,
+plots and experiments, and push/pull into a fresh clone are in test_reproducible.py, on the
+clone that its fixture has already reproduced."""
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import shutil
 
 import pytest
 import yaml
 
-from support import REPO, run
+from support import REPO, push_and_clone, run
 
 pytestmark = pytest.mark.slow
 
@@ -24,16 +23,6 @@ def git_dvc_repo(project):
     run("git init -q && git config user.email t@t && git config user.name t && dvc init -q", project)
     run(["vaeflow", "dvc-yaml", "--config", "config/config.yaml"], project)
     return project
-
-
-def push_and_clone(project, tmp_path):
-    """dvc push to a local-directory remote, commit, and git clone into a fresh directory."""
-    run(["dvc", "remote", "add", "-d", "local", str(tmp_path / "remote")], project)
-    run(["dvc", "push"], project)
-    run("git add -A && git commit -qm experiment", project)
-    clone = tmp_path / "clone"
-    run(["git", "clone", "-q", str(project), str(clone)], tmp_path)
-    return clone
 
 
 def snakemake_dag(project) -> tuple[set[str], set[tuple[str, str]]]:
@@ -77,55 +66,6 @@ def test_snakemake_and_dvc_have_the_same_dag(project):
 def test_committed_dvc_yaml_is_current():
     res = run(["vaeflow", "dvc-yaml", "--config", "config/config.yaml", "--check"], REPO, check=False)
     assert res.returncode == 0, res.stderr
-
-
-def test_repro_push_pull_and_snakemake_trusts_pulled_outputs(project, tmp_path):
-    git_dvc_repo(project)
-    out = run(["dvc", "repro"], project).stdout
-    assert ran_stages(out) >= {"prepare", "train_vae_warmup", "train_vae_gan", "evaluate_vae_gan", "sample_vae_gan"}
-    assert (project / "results" / "vae_gan" / "best.pt").exists()
-
-    assert ran_stages(run(["dvc", "repro"], project).stdout) == set()  # second repro: nothing
-
-    # Metrics, plots and experiments are readable by DVC's own commands.
-    shown = json.loads(run(["dvc", "metrics", "show", "--json"], project).stdout)
-    flat = json.dumps(shown)
-    assert "results/vae_gan/eval/metrics.json" in flat and '"iw_nll_nats"' in flat and '"psnr"' in flat
-    run(["dvc", "plots", "show", "-o", str(tmp_path / "plots_html")], project)
-    page = (tmp_path / "plots_html" / "index.html").read_text()
-    assert "vae_gan_train" in page and "loss_curves.png" in page and "vae_traversal_best.png" in page
-    run("git add -A && git commit -qm baseline", project)
-    exp = run(["dvc", "exp", "show", "--no-pager", "--csv"], project).stdout
-    assert "neg_elbo_nats" in exp and "evaluation" in exp
-
-    cfg_path = project / "config" / "config.yaml"
-    cfg = yaml.safe_load(cfg_path.read_text())
-    cfg["training"]["pipeline"]["steps"][1]["lambda_adv"] = 0.2
-    cfg_path.write_text(yaml.safe_dump(cfg))
-    run(["vaeflow", "dvc-yaml", "--config", "config/config.yaml"], project)
-    assert ran_stages(run(["dvc", "repro"], project).stdout) == {
-        "train_vae_gan", "evaluate_vae_gan", "sample_vae_gan", "curves_vae_gan", "summary"}
-
-    # Push to a local-directory remote, clone, pull: nothing retrains in either runner.
-    clone = push_and_clone(project, tmp_path)
-    run(["dvc", "pull"], clone)
-    assert (clone / "results" / "vae_gan" / "best.pt").exists()
-    assert "up to date" in run(["dvc", "status"], clone).stdout.lower()
-    assert ran_stages(run(["dvc", "repro"], clone).stdout) == set()
-    # Worst case for Snakemake: every file older than the files it was made from.
-    for i, p in enumerate(["results/vae_gan/best.pt", "results/vae_gan/last.pt", "results/vae_warmup/best.pt"]):
-        os.utime(clone / p, (1_000_000 + i, 1_000_000 + i))
-    for p in (clone / "results" / "data").iterdir():
-        os.utime(p, (2_000_000, 2_000_000))
-    plan = run(["snakemake", "-n", "--cores", "1", "results/vae_gan/best.pt"], clone)
-    assert "Nothing to be done" in plan.stdout + plan.stderr, plan.stdout
-    plan = run(["snakemake", "-n", "--cores", "1"], clone)
-    assert "Nothing to be done" in plan.stdout + plan.stderr, plan.stdout
-
-    # A file that no longer matches dvc.lock is not trusted: Snakemake reruns from it.
-    shutil.copy(clone / "results" / "data" / "val.npy", clone / "results" / "data" / "train.npy")
-    plan = run(["snakemake", "-n", "--cores", "1", "results/vae_gan/best.pt"], clone).stdout
-    assert "rule prepare" not in plan and "stage=vae_warmup" in plan
 
 
 def test_dvc_added_raw_images_feed_prepare_and_travel_through_a_remote(project, tmp_path):

@@ -1,7 +1,9 @@
 """From a fresh clone, as a new user: `dvc repro` works (the repo carries .dvc/), a second
 run and `snakemake -n` have nothing to do, Snakemake and DVC in two clones of one commit
-write byte-identical checkpoints, a code edit reruns stages in both runners and a docs
-edit reruns nothing, and `vaeflow provenance` names the commit.
+write byte-identical checkpoints, DVC's metrics, plots and experiments read the results, a
+parameter change reruns only what follows it, push/pull into another clone retrains nothing
+in either runner, Snakemake's outputs and report, a code edit reruns stages in both runners and a docs edit
+reruns nothing, and `vaeflow provenance` names the commit.
 
 The clones run their own code: PYTHONPATH=<clone>/src stands in for the README's
 `pip install --no-deps -e .` inside the clone (the venv already has every dependency).
@@ -9,6 +11,8 @@ The clones run their own code: PYTHONPATH=<clone>/src stands in for the README's
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import shutil
 import subprocess
@@ -16,8 +20,9 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
-from support import REPO, TINY, run
+from support import REPO, TINY, push_and_clone, run
 
 pytestmark = pytest.mark.slow
 
@@ -61,7 +66,7 @@ def clones(tmp_path_factory):
     d, denv = clone(origin, tmp / "dvc_clone")
     s, senv = clone(origin, tmp / "smk_clone")
     out = run(["dvc", "repro"], d, timeout=2400, **denv).stdout
-    assert {"prepare", "train_vae_warmup", "train_vae_gan", "evaluate_vae_gan", "summary"} <= ran_stages(out)
+    assert {"prepare", "train_vae_warmup", "train_vae_gan", "evaluate_vae_gan", "sample_vae_gan", "summary"} <= ran_stages(out)
     try:
         run(["snakemake", "--cores", "2"], s, timeout=2400, **senv)
     except AssertionError as exc:  # the job logs say why
@@ -69,6 +74,74 @@ def clones(tmp_path_factory):
         raise AssertionError(f"{exc}{logs}") from None
     commit = run(["git", "rev-parse", "HEAD"], origin).stdout.strip()
     return {"dvc": (d, denv), "smk": (s, senv), "commit": commit}
+
+
+def planned_jobs(project, env: dict, *targets) -> dict[str, int]:
+    """Rule -> job count that `snakemake -n` plans (empty when there is nothing to do)."""
+    res = run(["snakemake", "-n", "--cores", "2", *targets], project, **env)
+    table = re.search(r"Job stats:\njob\s+count\n[- ]+\n(.*?)\ntotal", res.stdout, re.S)
+    if not table:
+        assert "Nothing to be done" in res.stdout + res.stderr, res.stdout
+        return {}
+    return {name: int(n) for name, n in (line.split() for line in table.group(1).splitlines())}
+
+
+def test_snakemake_outputs_report_and_reruns_only_what_changed(clones, tmp_path):
+    """On a copy of the Snakemake clone, after its `snakemake --cores 2` (the fixture)."""
+    project = tmp_path / "smk"
+    shutil.copytree(clones["smk"][0], project, symlinks=True)
+    env = {"PYTHONPATH": str(project / "src")}
+    results = project / "results"
+    for stage in ("vae_warmup", "vae_gan"):
+        for name in ("best.pt", "last.pt", "metrics.jsonl", "eval/metrics.json",
+                     "samples/vae_recon_grid_best.png", "samples/vae_generated_grid_best.png",
+                     "samples/vae_latent_grid_best.png", "samples/vae_traversal_best.png",
+                     "samples/vae_interpolation_best.png", "samples/sampling_best.json",
+                     "plots/loss_curves.png", "plots/train.csv", "plots/val.csv"):
+            assert (results / stage / name).stat().st_size > 0, f"{stage}/{name}"
+        assert not (results / stage / "running").exists()  # work dir dropped once published
+        records = [json.loads(line) for line in (results / stage / "metrics.jsonl").read_text().splitlines()]
+        assert {r["split"] for r in records} == {"train", "val"}
+        assert all({"timestamp", "session_id", "epoch", "batch", "global_step", "metrics"} <= set(r) for r in records)
+    assert "Step vae_gan (2/2) | Epoch 2/2 | Batch 6/6 | VAE:" in (results / "logs" / "train_vae_gan.log").read_text()
+    metrics = json.loads((results / "vae_gan" / "eval" / "metrics.json").read_text())
+    assert {"mse", "psnr", "ssim", "lpips", "nll", "active_units", "pca", "latent_dims"} <= set(metrics)
+    assert metrics["latent_dims"] == 2 * 4 * 4
+    assert metrics["nll"]["iw_nll_nats"] <= metrics["nll"]["neg_elbo_nats"]
+    summary = (results / "summary.md").read_text()
+    assert "| vae_warmup |" in summary and "| vae_gan |" in summary
+
+    # The report holds the loss curves, every sample grid and the evaluation table.
+    run(["snakemake", "--report", "report.html"], project, **env)
+    html = (project / "report.html").read_text()
+    embedded = set(re.findall(r"data:image/png;charset=utf8;filename=([^;]+);base64,iVBORw0KGgo", html))
+    assert embedded == {"loss_curves.png", "vae_recon_grid_best.png", "vae_generated_grid_best.png",
+                        "vae_latent_grid_best.png", "vae_traversal_best.png", "vae_interpolation_best.png"}
+    assert html.count("data:image/png;charset=utf8;") == 12  # 2 stages x (curves + 5 grids)
+    assert "filename=summary.html;base64," in html  # the evaluation table
+    for category in ("Loss curves", "Samples", "Evaluation"):
+        assert category in html
+    for tsv in ("prepare", "train_vae_warmup", "evaluate_vae_gan"):
+        assert (results / "benchmarks" / f"{tsv}.tsv").exists()
+
+    # Nothing to do after success.
+    assert planned_jobs(project, env) == {}
+
+    # Changing a vae_gan parameter reruns vae_gan and what follows it, not the warmup.
+    cfg_path = project / "config" / "config.yaml"
+    cfg = yaml.safe_load(cfg_path.read_text())
+    cfg["training"]["pipeline"]["steps"][1]["lambda_adv"] = 0.2
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    assert planned_jobs(project, env) == {"train": 1, "evaluate": 1, "sample": 1, "curves": 1, "summary": 1, "all": 1}
+    plan = run(["snakemake", "-n", "--cores", "2"], project, **env).stdout
+    assert "wildcards: stage=vae_gan" in plan and "wildcards: stage=vae_warmup" not in plan
+
+    # A third stage in the config is a third target with no rule edits.
+    cfg["training"]["pipeline"]["steps"].append({"name": "vae_finetune", "n_epochs": 1, "max_steps": 2})
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    plan = run(["snakemake", "-n", "--cores", "2", "results/vae_finetune/best.pt"], project, **env).stdout
+    assert "wildcards: stage=vae_finetune" in plan and "input: results/data/manifest.json" in plan
+    assert "results/vae_gan/best.pt" in plan  # starts from the previous stage's best.pt
 
 
 def nothing_to_do(path: Path, env: dict) -> float:
@@ -99,6 +172,56 @@ def test_snakemake_and_dvc_clones_give_identical_checkpoints(clones):
     for stage in ("vae_warmup", "vae_gan"):
         a, b = d / f"results/{stage}/best.pt", s / f"results/{stage}/best.pt"
         assert a.read_bytes() == b.read_bytes(), f"{stage}/best.pt differs between the DVC and the Snakemake clone"
+
+
+def test_metrics_plots_experiments_then_push_pull_retrains_nothing(clones, tmp_path):
+    """On a copy of the reproduced DVC clone (the other tests keep the original)."""
+    project = tmp_path / "experiment"
+    shutil.copytree(clones["dvc"][0], project, symlinks=True)
+    env = {"PYTHONPATH": str(project / "src")}
+    run("git config user.email t@t && git config user.name t", project)
+    assert ran_stages(run(["dvc", "repro"], project, **env).stdout) == set()  # the copy is current too
+
+    # Metrics, plots and experiments are readable by DVC's own commands.
+    shown = json.loads(run(["dvc", "metrics", "show", "--json"], project, **env).stdout)
+    flat = json.dumps(shown)
+    assert "results/vae_gan/eval/metrics.json" in flat and '"iw_nll_nats"' in flat and '"psnr"' in flat
+    run(["dvc", "plots", "show", "-o", str(tmp_path / "plots_html")], project, **env)
+    page = (tmp_path / "plots_html" / "index.html").read_text()
+    assert "vae_gan_train" in page and "loss_curves.png" in page and "vae_traversal_best.png" in page
+    run("git add -A && git commit -qm baseline", project)
+    exp = run(["dvc", "exp", "show", "--no-pager", "--csv"], project, **env).stdout
+    assert "neg_elbo_nats" in exp and "evaluation" in exp
+
+    cfg_path = project / "config" / "config.yaml"
+    cfg = yaml.safe_load(cfg_path.read_text())
+    cfg["training"]["pipeline"]["steps"][1]["lambda_adv"] = 0.2
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    run(["vaeflow", "dvc-yaml", "--config", "config/config.yaml"], project, **env)
+    assert ran_stages(run(["dvc", "repro"], project, **env).stdout) == {
+        "train_vae_gan", "evaluate_vae_gan", "sample_vae_gan", "curves_vae_gan", "summary"}
+
+    # Push to a local-directory remote, clone, pull: nothing retrains in either runner.
+    clone = push_and_clone(project, tmp_path, **env)
+    cenv = {"PYTHONPATH": str(clone / "src")}
+    run(["dvc", "pull"], clone, **cenv)
+    assert (clone / "results" / "vae_gan" / "best.pt").exists()
+    assert "up to date" in run(["dvc", "status"], clone, **cenv).stdout.lower()
+    assert ran_stages(run(["dvc", "repro"], clone, **cenv).stdout) == set()
+    # Worst case for Snakemake: every file older than the files it was made from.
+    for i, p in enumerate(["results/vae_gan/best.pt", "results/vae_gan/last.pt", "results/vae_warmup/best.pt"]):
+        os.utime(clone / p, (1_000_000 + i, 1_000_000 + i))
+    for p in (clone / "results" / "data").iterdir():
+        os.utime(p, (2_000_000, 2_000_000))
+    plan = run(["snakemake", "-n", "--cores", "1", "results/vae_gan/best.pt"], clone, **cenv)
+    assert "Nothing to be done" in plan.stdout + plan.stderr, plan.stdout
+    plan = run(["snakemake", "-n", "--cores", "1"], clone, **cenv)
+    assert "Nothing to be done" in plan.stdout + plan.stderr, plan.stdout
+
+    # A file that no longer matches dvc.lock is not trusted: Snakemake reruns from it.
+    shutil.copy(clone / "results" / "data" / "val.npy", clone / "results" / "data" / "train.npy")
+    plan = run(["snakemake", "-n", "--cores", "1", "results/vae_gan/best.pt"], clone, **cenv).stdout
+    assert "rule prepare" not in plan and "stage=vae_warmup" in plan
 
 
 def test_provenance_names_the_commit(clones):

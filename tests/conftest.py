@@ -37,6 +37,35 @@ def _one_thread() -> None:
 _one_thread()  # for session fixtures, which start before the per-test reset below
 
 
+# The longest test files, longest first (measured: README, "Test suite"). pytest-xdist hands
+# each file to one worker (`--dist loadfile`, pyproject.toml) in collection order; starting
+# the long ones first keeps a long file from running alone at the end. Only the order
+# changes: a file missing here runs after them.
+LONGEST_FIRST = [
+    "tests/test_slurm.py",  # mostly waits on SLURM jobs, beside the rest
+    "tests/test_resume.py",
+    "tests/test_reproducible.py",
+    "tests/test_nonfinite_e2e.py",
+    "tests/test_snakemake_e2e.py",
+    "tests/test_distributed.py",
+    "tests/test_dvc_e2e.py",
+    "tests/test_precision.py",
+    "tests/test_fuzz_config.py",
+]
+
+
+def pytest_collection_modifyitems(config, items):
+    """The files of LONGEST_FIRST first, then the other slow tests, then the many short ones,
+    which fill the workers at the end. Stable: tests keep their order within a file."""
+    rank = {path: i for i, path in enumerate(LONGEST_FIRST)}
+
+    def key(item):
+        path = Path(item.path).relative_to(config.rootpath).as_posix()
+        return rank.get(path, len(rank)), item.get_closest_marker("slow") is None
+
+    items.sort(key=key)
+
+
 @pytest.fixture(autouse=True)
 def _one_thread_per_worker():
     """Back to one thread before each test: `vaeflow train` run in-process sets its own count."""

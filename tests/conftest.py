@@ -46,7 +46,6 @@ LONGEST_FIRST = [
     "tests/test_resume.py",
     "tests/test_reproducible.py",
     "tests/test_nonfinite_e2e.py",
-    "tests/test_snakemake_e2e.py",
     "tests/test_distributed.py",
     "tests/test_dvc_e2e.py",
     "tests/test_precision.py",

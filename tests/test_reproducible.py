@@ -1,9 +1,9 @@
 """From a fresh clone, as a new user: `dvc repro` works (the repo carries .dvc/), a second
 run and `snakemake -n` have nothing to do, Snakemake and DVC in two clones of one commit
-write byte-identical checkpoints, DVC's metrics, plots and experiments read the results, a
-parameter change reruns only what follows it, push/pull into another clone retrains nothing
-in either runner, Snakemake's outputs and report, a code edit reruns stages in both runners and a docs edit
-reruns nothing, and `vaeflow provenance` names the commit.
+write byte-identical checkpoints, DVC's metrics, plots and experiments read the results,
+Snakemake's outputs and report are complete, a parameter change reruns only what follows it,
+push/pull into another clone retrains nothing in either runner, a code edit reruns stages in
+both runners and a docs edit reruns nothing, and `vaeflow provenance` names the commit.
 
 The clones run their own code: PYTHONPATH=<clone>/src stands in for the README's
 `pip install --no-deps -e .` inside the clone (the venv already has every dependency).

@@ -67,6 +67,10 @@ VAL_OF = {"vae_loss": "val_loss", "recon_loss": "val_recon", "kl_loss": "val_kl"
 SCHEMA_FILE = "config.schema.yaml"
 
 
+# Optimizers that take `fused` (torch's one-kernel Adam); vaeflow.trainer.optim uses it too.
+FUSED_OPTIMIZERS = ("Adam", "AdamW")
+
+
 class ConfigError(ValueError):
     """A config problem, reported as one line naming the key path."""
 
@@ -223,9 +227,9 @@ def _check_semantics(config: dict, source: str | None) -> None:
         if not (step["train_vae"] or step["gan_training"]):
             raise ConfigError(where, "enables no training mode (set train_vae and/or gan_training)", source)
         for part, opt in step["optimization"]["optimizers"].items():
-            if "fused" in opt and opt["type"] not in ("Adam", "AdamW"):
+            if "fused" in opt and opt["type"] not in FUSED_OPTIMIZERS:
                 raise ConfigError(f"{where}.optimization.optimizers.{part}.fused",
-                                  f"applies to Adam and AdamW, not {opt['type']}", source)
+                                  f"applies to {' and '.join(FUSED_OPTIMIZERS)}, not {opt['type']}", source)
         if step["gan_training"] and "discriminator" not in step["optimization"]["optimizers"]:
             raise ConfigError(f"{where}.optimization.optimizers", "gan_training needs a discriminator optimizer", source)
         if step["gan_training"] and step["r1_gamma"] > 0 and config["discriminator"]["norm"] == "batch":

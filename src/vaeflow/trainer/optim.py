@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from vaeflow.config import FUSED_OPTIMIZERS
+
 OPTIMIZERS = {
     "AdamW": torch.optim.AdamW,
     "Adam": torch.optim.Adam,
@@ -21,7 +23,7 @@ def build_optimizer(params, cfg: dict) -> torch.optim.Optimizer:
     if "betas" in cfg:
         cfg["betas"] = tuple(cfg["betas"])
     params = list(params)
-    if kind in ("Adam", "AdamW") and "fused" not in cfg and "foreach" not in cfg and _fusable(params):
+    if kind in FUSED_OPTIMIZERS and "fused" not in cfg and "foreach" not in cfg and _fusable(params):
         # One kernel over all parameters instead of a Python loop over them (torch's default
         # on CPU): ~10 % of a default-config step. `fused: false` in the config (Adam, AdamW) turns it off.
         cfg["fused"] = True

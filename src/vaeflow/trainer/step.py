@@ -39,7 +39,7 @@ class TrainStep:
         self.accum = step["grad_accum_steps"]
         self.on_cuda = objective.devices.main.type == "cuda"
         self._snapshots = (None, None)
-        # The trainable parameters are fixed when the stage is built (build.freeze_modules):
+        # The trainable parameters are fixed when the stage is built (build.apply_freeze):
         # listed once, not walked through the module tree at every step.
         self._vae = [p for p in models.model.parameters() if p.requires_grad]
         self._disc = list(models.discriminator.parameters()) if opts.disc is not None else []

@@ -15,7 +15,11 @@ from support import make_project, prepare_tiny
 # once. tests/test_slurm.py points SLURM_CONF at its own cluster for what it runs.
 os.environ["SLURM_CONF"] = os.devnull
 
-# pytest-xdist runs the suite in two workers on 2 cores, beside the jobs the tests start: one
+# Every `dvc` command forks an analytics daemon (`dvc daemon analytics`, ~0.6 CPU-s each,
+# ~40 in a suite run on 2 cores); the tests must not reach the network anyway.
+os.environ["DVC_NO_ANALYTICS"] = "1"
+
+# pytest-xdist runs the suite in four workers on 2 cores, beside the jobs the tests start: one
 # intra-op thread per worker, and idle OpenMP threads that sleep instead of spinning
 # (OMP_WAIT_POLICY=PASSIVE, inherited by every job; support.tool_env sets it too). Spinning
 # threads of side-by-side processes made an in-process bf16 test take 653 s instead of 55 s.
@@ -42,7 +46,8 @@ _one_thread()  # for session fixtures, which start before the per-test reset bel
 # the long ones first keeps a long file from running alone at the end. Only the order
 # changes: a file missing here runs after them.
 LONGEST_FIRST = [
-    "tests/test_slurm.py",  # mostly waits on SLURM jobs, beside the rest
+    "tests/test_slurm.py",  # these two mostly wait on SLURM jobs, beside the rest
+    "tests/test_slurm_two_nodes.py",
     "tests/test_resume.py",
     "tests/test_reproducible.py",
     "tests/test_nonfinite_e2e.py",

@@ -21,8 +21,6 @@ from contextlib import redirect_stderr, redirect_stdout
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 from support import REPO, make_project, run
 from vaeflow.cli import main as vaeflow_main
@@ -86,11 +84,16 @@ def mutate(cfg, path, op, value):
         parent[key] = [old]
 
 
-mutation = st.tuples(
-    st.sampled_from(PATHS),
-    st.sampled_from(["set", "set", "set", "delete", "add_key", "empty", "huge", "negate", "long_list", "wrap"]),
-    st.sampled_from(ODD_VALUES),
-)
+def mutation_strategy():
+    """(path, op, value) for mutate(). Hypothesis is imported here, not at collection: 1 s per
+    pytest-xdist worker that never runs this file."""
+    from hypothesis import strategies as st
+
+    return st.tuples(
+        st.sampled_from(PATHS),
+        st.sampled_from(["set", "set", "set", "delete", "add_key", "empty", "huge", "negate", "long_list", "wrap"]),
+        st.sampled_from(ODD_VALUES),
+    )
 
 
 def check_cli(argv: list[str]) -> tuple[int, str]:
@@ -106,12 +109,15 @@ def check_cli(argv: list[str]) -> tuple[int, str]:
 
 
 def test_mutated_configs_never_give_a_traceback(tmp_path_factory):
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
     project = make_project(tmp_path_factory.mktemp("fuzz") / "project")
     seen = {"n": 0, "snakemake": 0, "validate_ok": 0, "prepare_ok": 0, "prepare_refused": 0}
 
     @settings(max_examples=EXAMPLES, derandomize=True, deadline=None, database=None,
               suppress_health_check=[HealthCheck.too_slow])
-    @given(mutations=st.lists(mutation, min_size=1, max_size=3))
+    @given(mutations=st.lists(mutation_strategy(), min_size=1, max_size=3))
     def one(mutations):
         cfg = copy.deepcopy(BASE)
         for path, op, value in mutations:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torchvision
 
 from vaeflow.losses import perceptual as P
 
@@ -36,6 +35,8 @@ def test_a_file_that_is_not_torchvisions_is_refused(torch_home):
 def test_backbone_file_lands_in_the_lpips_layers(net, tv_name, tmp_path):
     """torchvision's `features.i` tensors end up in torchmetrics' LPIPS slices, all of them."""
     torch.manual_seed(0)
+    import torchvision  # here, not at collection: with torch._dynamo, 0.5 s per pytest-xdist worker
+
     tv = {k: v for k, v in getattr(torchvision.models, tv_name)(weights=None).state_dict().items()
           if k.startswith("features.")}  # the classifier is not part of LPIPS
     path = tmp_path / "backbone.pth"

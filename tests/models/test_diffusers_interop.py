@@ -3,12 +3,16 @@ import json
 import pytest
 import torch
 
-diffusers = pytest.importorskip("diffusers")
+from vaeflow.interop.diffusers import config_to_diffusers, export_diffusers, from_diffusers, to_diffusers
+from vaeflow.models.diffusers_keys import diffusers_to_ldm, ldm_to_diffusers
+from vaeflow.models import AutoencoderKL, build_model
 
-from vaeflow.interop.diffusers import (config_to_diffusers, export_diffusers, from_diffusers,  # noqa: E402
-                                       to_diffusers)
-from vaeflow.models.diffusers_keys import diffusers_to_ldm, ldm_to_diffusers  # noqa: E402
-from vaeflow.models import AutoencoderKL, build_model  # noqa: E402
+
+@pytest.fixture(scope="module")
+def diffusers():
+    """The reference implementation, imported by the tests that need it (not at collection:
+    about 1 s, and torch._dynamo, in every pytest-xdist worker)."""
+    return pytest.importorskip("diffusers")
 
 TOL = 1e-5
 
@@ -61,7 +65,7 @@ def _compare(ours, dm, x):
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_from_diffusers_matches(name):
+def test_from_diffusers_matches(name, diffusers):
     cfg = CONFIGS[name]
     torch.manual_seed(0)
     dm = diffusers.AutoencoderKL(**cfg)
@@ -79,7 +83,7 @@ def test_from_diffusers_matches(name):
         tuple(dm2.config["block_out_channels"]) == tuple(cfg["block_out_channels"])
 
 
-def test_to_diffusers_from_our_random_model():
+def test_to_diffusers_from_our_random_model(diffusers):
     torch.manual_seed(1)
     ours = AutoencoderKL(in_channels=3, resolution=32, base_ch=16, ch_mult=(1, 2, 2),
                          num_res_blocks=1, attn_resolutions=(8,), embed_dim=4, norm_groups=8)
@@ -101,7 +105,7 @@ def test_state_dict_adapter_round_trip():
                        sd["decoder.up.0.block.0.conv1.weight"])
 
 
-def test_export_round_trip(tmp_path):
+def test_export_round_trip(tmp_path, diffusers):
     torch.manual_seed(2)
     mcfg = dict(type="autoencoder_kl", in_channels=3, resolution=32, base_ch=16, ch_mult=[1, 2],
                 num_res_blocks=1, attn_resolutions=[], embed_dim=4, norm_groups=8)
@@ -122,7 +126,7 @@ def test_export_round_trip(tmp_path):
                                                   ema.state_dict().values()))
 
 
-def test_original_ldm_checkpoint(tmp_path):
+def test_original_ldm_checkpoint(tmp_path, diffusers):
     torch.manual_seed(3)
     ours = AutoencoderKL(in_channels=3, resolution=32, base_ch=32, ch_mult=(1, 2), num_res_blocks=1,
                          embed_dim=4)
@@ -141,7 +145,7 @@ def test_original_ldm_checkpoint(tmp_path):
     assert config_to_diffusers(again)["block_out_channels"] == [32, 64]
 
 
-def test_train_mode_gradients_match():
+def test_train_mode_gradients_match(diffusers):
     cfg = CONFIGS["attn_levels_3"]
     torch.manual_seed(4)
     dm = diffusers.AutoencoderKL(**cfg)

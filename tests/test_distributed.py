@@ -33,13 +33,16 @@ def families(tmp_path_factory):
     root = tmp_path_factory.mktemp("families")
     prepare_dataset(yaml.safe_load(TINY.read_text())["data"], root / "data")
     worker = str(WORKERS / "families_worker.py")
-    run([sys.executable, worker, str(root / "one"), str(root / "data")], REPO)
+    # The 1-process reference in this process (no torch start-up); the 2-process run under torchrun.
+    sys.path.insert(0, str(WORKERS))
+    from families_worker import train_all
+
+    train_all(root / "one", root / "data", nproc=1)
     two = run([*TORCHRUN, worker, str(root / "two"), str(root / "data"), "--probe"], REPO, timeout=900)
     return root, two.stdout
 
 
 def test_every_family_two_processes(families):
-    sys.path.insert(0, str(WORKERS))
     from families_worker import FAMILIES
 
     root, log = families

@@ -51,7 +51,7 @@ def cmd_validate(args) -> int:
     print(f"  Model: {config['model']['type']}, data: {config['data']['dataset']} at {config['data']['image_size']}px")
     for i, s in enumerate(steps, 1):
         modes = [m for m, on in (("VAE", s["train_vae"]), ("GAN", s["gan_training"]), ("LPIPS", s["use_lpips"])) if on]
-        print(f"\nStep {i}: {s['name']} ({s['n_epochs']} epochs)")
+        print(f"\nStep {i}: {s['name']} ({s['n_epochs']} epoch{'' if s['n_epochs'] == 1 else 's'})")
         print(f"  Training: {', '.join(modes)}")
         frozen = sorted(set(s["freeze"]) - set(s["unfreeze"]))
         if frozen:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Start a private two-node SLURM cluster on this one machine for tests/test_slurm.py.
+# Start a private two-node SLURM cluster on this one machine for tests/test_slurm*.py.
 #
 #   sudo .ci/slurm-up.sh
 #   export SLURM_CONF=/run/vaeflow-slurm/etc/slurm.conf   # only where you want to use it

@@ -12,7 +12,7 @@ from support import make_project, prepare_tiny
 # No test may reach a SLURM cluster that merely exists on this machine (or a real one, on a
 # login node), and Snakemake's SLURM plugin runs `scontrol show config` whenever snakemake
 # starts: ~10 s when a configured controller does not answer. SLURM_CONF=/dev/null fails at
-# once. tests/test_slurm.py points SLURM_CONF at its own cluster for what it runs.
+# once. tests/test_slurm.py (and test_slurm_two_nodes.py) point SLURM_CONF at their own cluster.
 os.environ["SLURM_CONF"] = os.devnull
 
 # Every `dvc` command forks an analytics daemon (`dvc daemon analytics`, ~0.6 CPU-s each,

@@ -198,11 +198,8 @@ def test_metrics_plots_experiments_then_push_pull_retrains_nothing(clones, tmp_p
     cfg["training"]["pipeline"]["steps"][1]["lambda_adv"] = 0.2
     cfg_path.write_text(yaml.safe_dump(cfg))
     run(["vaeflow", "dvc-yaml", "--config", "config/config.yaml"], project, **env)
-    # DVC sees the change in the GAN stage's params and nowhere else (a dry run: the stages after
-    # it rerun because its outputs change; test_dvc_e2e checks that DVC's DAG is Snakemake's).
-    assert ran_stages(run(["dvc", "repro", "--dry"], project, **env).stdout) == {"train_vae_gan"}
-    assert "train_vae_gan:" in run(["dvc", "status"], project, **env).stdout
-    run(["git", "checkout", "--", "config", "dvc.yaml"], project)
+    assert ran_stages(run(["dvc", "repro"], project, **env).stdout) == {
+        "train_vae_gan", "evaluate_vae_gan", "sample_vae_gan", "curves_vae_gan", "summary"}
 
     # Push to a local-directory remote, clone, pull: nothing retrains in either runner.
     clone = push_and_clone(project, tmp_path, **env)

@@ -66,7 +66,8 @@ class SlurmCase:
 
 
 # --------------------------------------------------------------------------
-# Workflow-specific part: adjust these two fixtures.
+# Workflow-specific part: adjust this fixture (the real workflow's, `vaeflow_case`, is in
+# test_slurm_two_nodes.py).
 # --------------------------------------------------------------------------
 
 

@@ -205,13 +205,26 @@ def timed_step(v: Variant, x, measure_memory: bool) -> float:
     return dt
 
 
-def matmul_peak(dtype, device, n=None, reps=None):
+def matmul_peak(dtype, device, n_max=None, reps=None, enough_s=0.05):
+    """Best matmul FLOP/s in `dtype`: square matrices, doubled from 256 up to n_max until one
+    product takes `enough_s`. A fixed 2048 took 57 s a product in bf16 on a CPU without native
+    bf16 (emulated at 0.3 GFLOP/s: 6 min for the peak alone); where the dtype is fast, the
+    size still reaches n_max (2048 on CPU at 90 GFLOP/s, 8192 on CUDA)."""
     cuda = device.type == "cuda"
-    n = n or (8192 if cuda else 2048)
+    n_max = n_max or (8192 if cuda else 2048)
     reps = reps or (20 if cuda else 5)
-    a = torch.randn(n, n, dtype=dtype, device=device)
-    b = torch.randn(n, n, dtype=dtype, device=device)
-    for _ in range(3 if cuda else 1):
+    n = 256
+    while True:
+        a = torch.randn(n, n, dtype=dtype, device=device)
+        b = torch.randn(n, n, dtype=dtype, device=device)
+        sync(device)
+        t = time.perf_counter()
+        torch.mm(a, b)
+        sync(device)
+        if n >= n_max or time.perf_counter() - t >= enough_s:
+            break
+        n *= 2
+    for _ in range(3 if cuda else 0):
         torch.mm(a, b)
     best = math.inf
     for _ in range(reps):
@@ -324,7 +337,12 @@ def print_table(variants, args, flops, peaks):
 
 
 def describe(args, device, ours, dm, why_no_diffusers):
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    if device.type == "cuda":
+        where = torch.cuda.get_device_name(device)
+    else:
+        from vaeflow.trainer.precision import cpu_features
+
+        where = f"CPU ({cpu_features().describe()}), {torch.get_num_threads()} threads"
     print(f"torch {torch.__version__}, {where}, batch {args.batch}x3x{args.size}x{args.size}, "
           f"block_out_channels ({args.channels}), layers_per_block {args.layers}, "
           f"Adam{' fused' if args.fused_adam else ''}", flush=True)

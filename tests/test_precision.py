@@ -177,18 +177,21 @@ def test_the_trainer_logs_its_precision(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_bf16_training_stays_within_0p2_db_of_fp32_on_the_default_config(tmp_path):
-    """Two epochs of the default config's warm-up stage, fp32 and bf16 autocast from the same
-    seed: bf16 loses at most 0.2 dB of test PSNR (EMA weights). On a CPU without native bf16
-    it is emulated (slower, same rounding). One-sided: two epochs in, the two runs' rounding
-    differences move PSNR either way by a few tenths (measured: bf16 0.39 dB *better* in a
-    2-worker suite run), and a gain is not a quality loss."""
+    """One epoch of the default config's warm-up stage (89 steps), fp32 and bf16 autocast from
+    the same seed: bf16 loses at most 0.2 dB of test PSNR (EMA weights). On a CPU without
+    native bf16 it is emulated (same rounding, 4-5x the time here: torch's slow convolution
+    path). One-sided: the two runs' rounding differences move PSNR either way by about a
+    tenth, and a gain is not a quality loss. Measured on a 2-core AVX2 CPU, bf16 minus fp32,
+    seeds 0 / 1 / 2: -0.07 / -0.11 / +0.09 dB after one epoch, -0.11 / -0.11 dB after two
+    (two epochs here until 2026-12-07: 4.5x this test's CPU where bf16 is emulated, no wider
+    margin); on an AVX512-BF16 CPU after two epochs: +0.39 dB."""
     from vaeflow.data import prepare_dataset
     from vaeflow.evaluate import evaluate_checkpoint
     from vaeflow.trainer import run_stage
 
     raw = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     raw["training"]["pipeline"]["steps"] = raw["training"]["pipeline"]["steps"][:1]
-    raw["training"]["pipeline"]["steps"][0]["n_epochs"] = 2
+    raw["training"]["pipeline"]["steps"][0]["n_epochs"] = 1
     prepare_dataset(cfg.validate(raw)["data"], tmp_path / "data")
     psnr = {}
     for amp in ("fp32", "bf16"):
@@ -201,6 +204,6 @@ def test_bf16_training_stays_within_0p2_db_of_fp32_on_the_default_config(tmp_pat
         m = evaluate_checkpoint(results / "vae_warmup" / "best.pt", tmp_path / "data",
                                 eval_cfg={"iw_samples": 1, "nll_max_images": 1}, log=lambda *a: None)
         psnr[amp] = m["psnr"]
-    print(f"test PSNR after two epochs: {psnr}")
-    assert psnr["fp32"] > 15  # it learned something in two epochs
+    print(f"test PSNR after one epoch: {psnr}")
+    assert psnr["fp32"] > 15  # it learned something in one epoch (measured 18.5 dB)
     assert psnr["bf16"] >= psnr["fp32"] - 0.2, psnr

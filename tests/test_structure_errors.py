@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import sys
 
 import pytest
 import yaml
@@ -103,3 +104,26 @@ def test_small_fraction_is_refused_with_the_fraction_that_works(tmp_path):
     assert not (tmp_path / "d").exists()
     m = prepare_dataset({"dataset": "digits", "limit": 9, "split": {"val": 0.3, "test": 0.06}}, tmp_path / "d")
     assert all(m["counts"][s] > 0 for s in ("train", "val", "test")), json.dumps(m["counts"])
+
+
+def test_one_line_errors_name_real_exception_classes():
+    """The CLI catches errors by module name (so a refused command imports no more than it
+    used): each entry must still name an exception class of that module."""
+    import importlib
+
+    from vaeflow.cli import _ONE_LINE_ERRORS
+
+    for module, name in _ONE_LINE_ERRORS.items():
+        cls = getattr(importlib.import_module(module), name)
+        assert isinstance(cls, type) and issubclass(cls, Exception), f"{module}.{name}"
+
+
+def test_a_refused_prepare_imports_no_torch(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(with_changes(data__image_size="big")))
+    code = ("import sys; from vaeflow.cli import main; rc = main(['prepare', '--config', sys.argv[1]]); "
+            "print('torch' in sys.modules); sys.exit(rc)")
+    res = run([sys.executable, "-c", code, str(path)], tmp_path, check=False)
+    assert res.returncode == 2 and res.stdout.split() == ["False"], res.stdout + res.stderr
+    [line] = res.stderr.strip().splitlines()
+    assert line.startswith("vaeflow: error: config error in ") and "data.image_size: 'big' is not of type" in line

@@ -13,20 +13,26 @@ from pathlib import Path
 from vaeflow.layout import DATA, EVAL_METRICS, RESULTS, SUMMARY_FILES, Layout
 
 
-def _known_errors() -> tuple[type[BaseException], ...]:
-    from vaeflow.checkpoint import CheckpointError
-    from vaeflow.collectives import CollectiveError
-    from vaeflow.config import ConfigError
-    from vaeflow.data import DataError
-    from vaeflow.losses import PerceptualWeightsMissing
-    from vaeflow.provenance import ProvenanceError
-    from vaeflow.sample import SampleError
-    from vaeflow.trainer.guard import NonFiniteError
-    from vaeflow.trainer.slurm import LaunchError
+# The errors a command reports in one line (exit 2) instead of a traceback, by module.
+_ONE_LINE_ERRORS = {
+    "vaeflow.config": "ConfigError",
+    "vaeflow.data.errors": "DataError",
+    "vaeflow.checkpoint": "CheckpointError",
+    "vaeflow.losses.perceptual": "PerceptualWeightsMissing",
+    "vaeflow.sample": "SampleError",
+    "vaeflow.provenance": "ProvenanceError",
+    "vaeflow.trainer.guard": "NonFiniteError",
+    "vaeflow.collectives": "CollectiveError",
+    "vaeflow.trainer.slurm": "LaunchError",
+}
 
-    return (ConfigError, DataError, CheckpointError, PerceptualWeightsMissing, SampleError, ProvenanceError,
-            FileNotFoundError, NonFiniteError, CollectiveError,
-            LaunchError)
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    """The one-line errors of the modules this command imported. An error of a module never
+    imported cannot have been raised, and importing three of them (torch) just to catch it
+    would add 2 s to every refused command that needs no torch."""
+    loaded = [getattr(sys.modules[m], name) for m, name in _ONE_LINE_ERRORS.items() if m in sys.modules]
+    return (*loaded, FileNotFoundError)
 
 
 def _load_config(args):

@@ -59,7 +59,7 @@ def worker(args) -> None:
             before = sum(r.wait_seconds for r in step.reducers.values())
             t0 = time.perf_counter()
             step(x, trainer.state)
-            step.optimizer_step()
+            step.optimizer_step(trainer.state)
             t1 = time.perf_counter()
             if i >= 5:  # warm-up steps excluded
                 times.append(t1 - t0)

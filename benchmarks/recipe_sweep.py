@@ -10,12 +10,12 @@ config. Run variants one after another (never two at once on 2 cores) and compar
 
 from __future__ import annotations
 
+import argparse
 import ast
 import contextlib
 import io
 import json
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -32,8 +32,12 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def main() -> None:
-    name = sys.argv[1]
-    over = ast.literal_eval(sys.argv[2]) if len(sys.argv) > 2 else {}
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("name", help="a label for this recipe, printed with its results")
+    parser.add_argument("overrides", nargs="?", default="{}", help="a Python dict literal of config overrides")
+    args = parser.parse_args()
+    name, over = args.name, ast.literal_eval(args.overrides)
     raw = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     steps_over = over.pop("steps", None) or []
     raw = cfg.deep_merge(raw, over)

@@ -22,11 +22,11 @@ from vaeflow.trainer.batches import epoch_order
 from vaeflow.trainer.stage import StageTrainer
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="config/config.yaml")
     ap.add_argument("--steps", type=int, default=100)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     config = cfg.load(args.config)
     stage = cfg.stage_names(config)[0]
     with tempfile.TemporaryDirectory() as tmp:
@@ -45,7 +45,7 @@ def main() -> None:
             x = to_model_range(trainer.train_data.fetch(idx), trainer.models.model).to(trainer.devices.main)
             t1 = time.perf_counter()
             trainer.train_step(x, trainer.state)
-            trainer.train_step.optimizer_step()
+            trainer.train_step.optimizer_step(trainer.state)
             t2 = time.perf_counter()
             if i >= 5:  # warm-up steps excluded
                 fetch_s += t1 - t0

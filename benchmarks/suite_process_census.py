@@ -18,6 +18,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import re
 import subprocess
 import sys
 import sysconfig
@@ -29,11 +30,13 @@ REPO = Path(__file__).resolve().parent.parent
 ENV_KEY = "VAEFLOW_CENSUS_OUT"
 HOOK_NAME = "_vaeflow_census_hook"
 
-# Logs only where ENV_KEY is set, so Python processes outside the run are untouched.
+# Logs only where ENV_KEY is set, so Python processes outside the run are untouched; once per
+# process, even where a second copy runs (the test's sitecustomize under a census).
 HOOK = f'''
-import os
-if os.environ.get("{ENV_KEY}"):
-    import atexit, json, resource, sys, time
+import os, sys
+if os.environ.get("{ENV_KEY}") and not hasattr(sys, "_vaeflow_census"):
+    import atexit, json, resource, time
+    sys._vaeflow_census = True
     _t0 = time.time()
 
     def _log():
@@ -70,8 +73,8 @@ def kind(rec: dict) -> str:
         return "snakemake, a job's (--target-jobs)" if rec.get("job") else "snakemake"
     if name in ("vaeflow", "vaeflow.cli", "cli.py"):
         return f"vaeflow {argv[1] if len(argv) > 1 else ''}".strip()
-    if Path(argv[0]).parent.name == "scripts":
-        return f"scripts/{Path(argv[0]).name}"
+    if Path(argv[0]).parent.name == "scripts":  # Snakemake's script: runs a copy named tmpXXXXXXXX.<name>.py
+        return f"scripts/{re.sub(r'^tmp[0-9a-z_]{8}[.]', '', Path(argv[0]).name)}"
     return name
 
 

@@ -50,4 +50,5 @@ def test_kinds_name_what_the_suite_starts():
     assert kind({**rec, "argv": ["/v/snakemake/__main__.py", "--snakefile", "S"], "module": "snakemake",
                  "job": True}) == "snakemake, a job's (--target-jobs)"
     assert kind({**rec, "argv": ["/v/bin/snakemake", "-n"]}) == "snakemake"
+    assert kind({**rec, "argv": ["/p/scripts/tmpq9vz_ms6.toy_job.py"]}) == "scripts/toy_job.py"
     assert kind({**rec, "argv": ["-c"], "pytest": True}) == "pytest (tests run in-process)"

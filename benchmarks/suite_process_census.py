@@ -35,9 +35,8 @@ HOOK_NAME = "_vaeflow_census_hook"
 HOOK = f'''
 import os, sys
 if os.environ.get("{ENV_KEY}") and not hasattr(sys, "_vaeflow_census"):
-    import atexit, json, resource, time
+    import atexit, json, resource
     sys._vaeflow_census = True
-    _t0 = time.time()
 
     def _log():
         try:
@@ -45,7 +44,7 @@ if os.environ.get("{ENV_KEY}") and not hasattr(sys, "_vaeflow_census"):
             main = sys.modules.get("__main__")
             spec = getattr(main, "__spec__", None)
             rec = {{"argv": sys.argv[:3], "module": spec.name if spec else None,
-                    "cpu": use.ru_utime + use.ru_stime, "wall": time.time() - _t0,
+                    "cpu": use.ru_utime + use.ru_stime,
                     "torch": "torch" in sys.modules, "dynamo": "torch._dynamo" in sys.modules,
                     "pytest": "_pytest" in sys.modules, "job": "--target-jobs" in sys.argv}}
             with open(os.environ["{ENV_KEY}"], "a") as f:
@@ -103,7 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     if pth.exists():
         print(f"{pth} exists: another census is running (or one was killed; delete it)", file=sys.stderr)
         return 2
-    out = Path(tempfile.mkstemp(prefix="census_", suffix=".jsonl")[1])
+    fd, name = tempfile.mkstemp(prefix="census_", suffix=".jsonl")
+    os.close(fd)  # the processes append to it by name
+    out = Path(name)
     hook.write_text(HOOK)
     pth.write_text(f"import {HOOK_NAME}\n")
     try:

@@ -2,6 +2,6 @@
 
 import sys
 
-from vaeflow.cli import main
+from vaeflow.cli import run
 
-sys.exit(main(["sample", *sys.argv[1:]]))
+run(["sample", *sys.argv[1:]])

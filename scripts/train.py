@@ -2,6 +2,6 @@
 
 import sys
 
-from vaeflow.cli import main
+from vaeflow.cli import run
 
-sys.exit(main(["train", *sys.argv[1:]]))
+run(["train", *sys.argv[1:]])

@@ -73,3 +73,13 @@ def test_a_live_non_daemon_thread_gets_the_normal_exit(tmp_path):
 def test_every_stage_script_exits_through_run(script):
     text = (REPO / "scripts" / f"{script}.py").read_text()
     assert f'run(["{script}", *sys.argv[1:]])' in text
+
+
+def test_a_profiled_command_still_writes_its_profile(tmp_path):
+    for i, script in enumerate([[str(REPO / "scripts" / "prepare.py")], ["-m", "vaeflow.cli", "prepare"]]):
+        stats = tmp_path / f"prepare{i}.prof"
+        res = subprocess.run([sys.executable, "-m", "cProfile", "-o", str(stats), *script, "--config",
+                              "config/config.yaml", "--results", str(tmp_path / "results")],
+                             cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert res.returncode == 0, res.stderr
+        assert stats.stat().st_size > 0, script

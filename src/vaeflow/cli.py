@@ -323,14 +323,17 @@ def run(argv: list[str] | None = None) -> NoReturn:
     it), in every stage job; the outputs are already written and closed by then.
 
     Exit handlers still run (logging, multiprocessing's children, the suite census), then the
-    standard streams are flushed. If a non-daemon thread is alive, the normal exit joins it."""
+    standard streams are flushed. The normal exit stays where something still has work at
+    exit: a live non-daemon thread (joined), or a profiler or tracer (`python -m cProfile`
+    writes its stats, a debugger or coverage tool finishes, after the script returns)."""
     import atexit
     import os
     import threading
 
     rc = main(argv)
     rc = 0 if rc is None else rc
-    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+    threads = [t for t in threading.enumerate() if t is not threading.main_thread()]
+    if any(t.is_alive() and not t.daemon for t in threads) or sys.getprofile() or sys.gettrace():
         sys.exit(rc)
     atexit._run_exitfuncs()  # what a normal exit would run first (CPython's own hook)
     for stream in (sys.stdout, sys.stderr):

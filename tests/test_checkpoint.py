@@ -22,6 +22,17 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["best.pt"]  # no temp file left behind
 
 
+def test_save_also_links_the_same_file_and_a_later_save_replaces_only_its_own_name(tmp_path):
+    best, last = tmp_path / "best.pt", tmp_path / "last.pt"
+    ckpt.save({"format": ckpt.FORMAT, "w": torch.ones(2)}, last)  # an older resume state
+    ckpt.save({"format": ckpt.FORMAT, "w": torch.full((2,), 2.0)}, best, also=(last,))
+    assert best.read_bytes() == last.read_bytes() and best.stat().st_ino == last.stat().st_ino
+    ckpt.save({"format": ckpt.FORMAT, "w": torch.full((2,), 3.0)}, last)
+    assert torch.equal(ckpt.load_vaeflow(best)["w"], torch.full((2,), 2.0))  # best untouched
+    assert torch.equal(ckpt.load_vaeflow(last)["w"], torch.full((2,), 3.0))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt"]  # no temp links left
+
+
 def test_bad_files_give_one_clear_error(tmp_path):
     with pytest.raises(ckpt.CheckpointError, match="missing.pt: file not found"):
         ckpt.load(tmp_path / "missing.pt")

@@ -29,10 +29,11 @@ class RunDir:
     def work(self, name: str) -> Path:
         return self.layout.work(name)
 
-    def save(self, name: str, state: dict) -> None:
+    def save(self, name: str, state: dict, also: tuple[str, ...] = ()) -> None:
+        """Write work/<name>; the names in `also` become links of the same file."""
         if self.dist.main:
             with self.dist.rank_local("rank 0's checkpoint writing"):
-                ckpt.save(state, self.work(name))
+                ckpt.save(state, self.work(name), also=tuple(self.work(n) for n in also))
 
     def metrics_size(self) -> int:
         p = self.work(METRICS_LOG)

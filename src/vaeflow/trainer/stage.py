@@ -165,9 +165,7 @@ class StageTrainer:
         st.epoch += 1
         st.batch = 0
         st.finished = self._transition(train_means, val)
-        if improved:
-            self._save("best.pt")
-        self._save_last()
+        self._save_last(improved)
 
     def _transition(self, train_means: dict, val: dict) -> bool:
         """Whether the stage is done: after n_epochs, or once the smoothed metric falls below
@@ -190,15 +188,23 @@ class StageTrainer:
         return False
 
     # ------------------------------------------------------------------ checkpoints and logs
-    def _save(self, name: str) -> None:
-        self.files.save(name, train_state.checkpoint(self.id, self.state, self.models, self.opts, self.dist))
+    def _save(self, name: str, also: tuple[str, ...] = ()) -> None:
+        self.files.save(name, train_state.checkpoint(self.id, self.state, self.models, self.opts, self.dist), also)
 
-    def _save_last(self) -> None:
+    def _save_last(self, best: bool = False) -> None:
+        """The resume checkpoint, last.pt; with best, the same file as best.pt too. best.pt is
+        written first: a kill between the two resumes from the older last.pt and redoes the
+        epoch, so best.pt cannot miss an improvement."""
         if not all_finite([self.models.model, self.models.discriminator]):  # keep the last good rollback target
             self.console.line(f"WARNING: non-finite weights at step {self.state.global_step}: resume checkpoint not updated")
+            if best:
+                self._save("best.pt")
             return
         self.state.metrics_offset = self.files.metrics_size()
-        self._save("last.pt")
+        if best:
+            self._save("best.pt", also=("last.pt",))
+        else:
+            self._save("last.pt")
         self.pending_events = []
 
     def _resume(self) -> None:

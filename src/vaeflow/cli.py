@@ -316,11 +316,32 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def reuse_freed_memory() -> None:
+    """Keep freed blocks of up to 32 MB in the process for reuse (glibc's malloc), instead of
+    handing them back to the OS and faulting them in again zero-filled at the next batch.
+    By default glibc maps every block above its adaptive threshold afresh (a decode pass of
+    the default evaluation allocates many of 8-33 MB) and trims the heap top at 128 KB: the
+    default evaluate job took 400-530 thousand page faults and 1.2-1.5 s of system time, 130-210
+    thousand and 0.6 s with this. Larger blocks are still mapped and returned at once, so a big
+    evaluation's peak memory is unchanged. Other C libraries: nothing to do."""
+    import ctypes
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # <malloc.h>
+    mallopt(M_MMAP_THRESHOLD, 32 << 20)  # glibc's maximum for this threshold on 64-bit
+    mallopt(M_TRIM_THRESHOLD, 1 << 30)
+
+
 def run(argv: list[str] | None = None) -> NoReturn:
-    """The process entry (console script, `python -m vaeflow.cli`, scripts/*.py): main, then
-    exit without the interpreter's teardown. Freeing torch's modules object by object takes
-    0.3-0.5 CPU-s at exit, 0.5-0.9 once torch._dynamo is loaded (every torch.optim step loads
-    it), in every stage job; the outputs are already written and closed by then.
+    """The process entry (console script, `python -m vaeflow.cli`, scripts/*.py): main, with
+    reuse_freed_memory, then exit without the interpreter's teardown. Freeing torch's modules
+    object by object takes 0.3-0.5 CPU-s at exit, 0.5-0.9 once torch._dynamo is loaded (every
+    torch.optim step loads it), in every stage job; the outputs are written and closed by then.
 
     Exit handlers still run (logging, multiprocessing's children, the suite census), then the
     standard streams are flushed. The normal exit stays where something still has work at
@@ -330,6 +351,7 @@ def run(argv: list[str] | None = None) -> NoReturn:
     import os
     import threading
 
+    reuse_freed_memory()
     rc = main(argv)
     rc = 0 if rc is None else rc
     threads = [t for t in threading.enumerate() if t is not threading.main_thread()]

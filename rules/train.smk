@@ -17,7 +17,7 @@ rule train:
         str(LAYOUT.benchmark("train", "{stage}"))
     conda:
         "../envs/vaeflow.yaml"
-    threads: VF["training"]["cpu_threads"]
+    threads: lambda wildcards: vfconfig.stage_cpu_threads(VF, wildcards.stage)
     # nnodes > 1 adds nodes, tasks and the `mpi` resource (vaeflow.trainer.slurm)
     resources:
         **train_job_resources(VF["training"]["distributed"]["nnodes"]),

@@ -111,8 +111,12 @@ def cmd_train(args) -> int:
         return launch(worker, dcfg, args.rdzv_endpoint, args.rdzv_id, source=", ".join(args.config))
     import torch
 
+    from vaeflow.config import stage_cpu_threads
+
     # The thread count changes float reduction order: the config fixes it, not the runner's env.
-    torch.set_num_threads(max(1, config["training"]["cpu_threads"] // dcfg["nproc_per_node"]))
+    threads = max(1, stage_cpu_threads(config, args.stage) // dcfg["nproc_per_node"])
+    torch.set_num_threads(threads)
+    print(f"Intra-op CPU threads: {threads} per process (stage {args.stage})", flush=True)
     run_stage(config, args.stage, args.results)
     return 0
 

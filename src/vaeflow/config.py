@@ -54,6 +54,7 @@ STEP_DEFAULTS: dict[str, Any] = {
     },
     "transition_on": {"mode": "epoch"},
     "max_steps": None,
+    "cpu_threads": None,  # training.cpu_threads (stage_cpu_threads)
     "grad_accum_steps": 1,
     "grad_clip": None,
     "use_amp": "auto",  # vaeflow.trainer.precision: bf16 where it is fast, else fp32
@@ -309,6 +310,14 @@ def stage_index(config: dict, stage: str) -> int:
     if stage not in names:
         raise ConfigError("training.pipeline.steps", f"no stage named {stage!r} (stages: {', '.join(names)})")
     return names.index(stage)
+
+
+def stage_cpu_threads(config: dict, stage: str) -> int:
+    """Intra-op CPU threads of a stage's training (all its processes together): the step's
+    cpu_threads, else training.cpu_threads. The train command applies it and the train rule
+    reserves it; it changes float reduction order, so it is part of the stage's fingerprint."""
+    step = resolve_steps(config)[stage_index(config, stage)]
+    return step["cpu_threads"] or config["training"]["cpu_threads"]
 
 
 def stage_view(config: dict, stage: str) -> dict:

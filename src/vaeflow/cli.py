@@ -194,7 +194,7 @@ def cmd_curves(args) -> int:
 
 def cmd_summary(args) -> int:
     from vaeflow.config import load, stage_names
-    from vaeflow.report import iter_stage_metrics, write_summary
+    from vaeflow.report import iter_stage_metrics, to_markdown, write_summary
 
     config = load(args.config)  # no code-level check: this job reads JSON, it needs no torch
     stages = stage_names(config)
@@ -202,8 +202,7 @@ def cmd_summary(args) -> int:
     missing = [s for s in stages if s not in metrics]
     if missing:
         raise FileNotFoundError(f"no {EVAL_METRICS} for stage(s) {', '.join(missing)} under {args.results}: run evaluate first")
-    df = write_summary(metrics, *Layout(args.results).summary_files())
-    print(df.to_string(index=False))
+    print(to_markdown(write_summary(metrics, *Layout(args.results).summary_files())), end="")
     return 0
 
 

@@ -5,17 +5,20 @@
     <stage>/plots/val.csv           the per-epoch validation records (DVC plots)
     summary.csv / .md / .html       one row per stage from <stage>/eval/metrics.json
 
-(file names: vaeflow.layout)
+(file names: vaeflow.layout). Plain lists and the csv module, no pandas: its import was
+0.4 CPU-s of each of these jobs, and the summary is on the pipeline's critical path.
 """
 
 from __future__ import annotations
 
+import csv
+import html as htmllib
+import io
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
-
-import pandas as pd
 
 from vaeflow.checkpoint import atomic_write
 from vaeflow.config import VAL_OF, logged_metrics
@@ -24,27 +27,63 @@ from vaeflow.layout import StageLayout
 _EVERY_MODE = {"train_vae": True, "gan_training": True, "use_lpips": True}
 # Panels in the order a stage logs its metrics (both latent families).
 PANEL_ORDER = list(dict.fromkeys(m for fam in ("kl", "vq") for m in logged_metrics(_EVERY_MODE, fam)["train"]))
+INDEX_COLUMNS = ["split", "epoch", "batch", "global_step"]
 
 
-def read_metrics_jsonl(path: str | Path) -> pd.DataFrame:
-    """One row per record: split, epoch, batch, global_step and one column per metric."""
-    rows = []
+@dataclass
+class Table:
+    """Rows of one schema: `columns` in order, each row a dict (None: no value)."""
+
+    columns: list[str]
+    rows: list[dict]
+
+    def column(self, name: str) -> list:
+        return [r.get(name) for r in self.rows]
+
+    def where(self, name: str, value) -> "Table":
+        return Table(self.columns, [r for r in self.rows if r.get(name) == value])
+
+    def to_csv(self) -> str:
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(self.columns)
+        writer.writerows([_csv_cell(r.get(c)) for c in self.columns] for r in self.rows)
+        return out.getvalue()
+
+
+def _present(v) -> bool:
+    return v is not None and not (isinstance(v, float) and math.isnan(v))
+
+
+def _csv_cell(v):
+    return "" if not _present(v) else v
+
+
+def read_metrics_jsonl(path: str | Path) -> Table:
+    """One row per record: split, epoch, batch, global_step and one column per metric (in
+    the order they first appear)."""
+    rows, columns = [], dict.fromkeys(INDEX_COLUMNS)
     for line in Path(path).read_text().splitlines():
         if not line.strip():
             continue
         rec = json.loads(line)
-        rows.append({"split": rec.get("split"), "epoch": rec.get("epoch"), "batch": rec.get("batch"),
-                     "global_step": rec.get("global_step"), **(rec.get("metrics") or {})})
-    cols = ["split", "epoch", "batch", "global_step"]
-    df = pd.DataFrame(rows, columns=None if rows else cols)
-    return df
+        row = {"split": rec.get("split"), "epoch": rec.get("epoch"), "batch": rec.get("batch"),
+               "global_step": rec.get("global_step"), **(rec.get("metrics") or {})}
+        columns.update(dict.fromkeys(row))
+        rows.append(row)
+    return Table(list(columns), rows)
 
 
-def _metric_columns(df: pd.DataFrame) -> list[str]:
-    return [c for c in df.columns if c not in ("split", "epoch", "batch", "global_step") and df[c].notna().any()]
+def _metric_columns(table: Table) -> list[str]:
+    return [c for c in table.columns if c not in INDEX_COLUMNS and any(_present(v) for v in table.column(c))]
 
 
-def plot_loss_curves(df: pd.DataFrame, out: str | Path, title: str = "") -> Path:
+def _points(table: Table, col: str) -> tuple[list, list]:
+    pts = [(r.get("global_step"), r.get(col)) for r in table.rows if _present(r.get(col)) and _present(r.get("global_step"))]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def plot_loss_curves(table: Table, out: str | Path, title: str = "") -> Path:
     """One panel per train metric (with its val counterpart, if any), plus val-only metrics;
     x = optimizer step. Log y-scale where a positive series spans more than a decade."""
     import matplotlib
@@ -52,8 +91,7 @@ def plot_loss_curves(df: pd.DataFrame, out: str | Path, title: str = "") -> Path
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    train = df[df["split"] == "train"]
-    val = df[df["split"] == "val"]
+    train, val = table.where("split", "train"), table.where("split", "val")
     t_cols, v_cols = _metric_columns(train), _metric_columns(val)
     first = {name: i for i, name in enumerate(PANEL_ORDER)}
     t_cols = sorted(t_cols, key=lambda c: (first.get(c, len(first)), t_cols.index(c)))
@@ -65,17 +103,16 @@ def plot_loss_curves(df: pd.DataFrame, out: str | Path, title: str = "") -> Path
     nrows = math.ceil(n / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.0 * nrows), squeeze=False)
     for ax, (tc, vc) in zip(axes.flat, panels):
-        series = []
+        vals: list = []
         if tc:
-            s = train[["global_step", tc]].dropna()
-            ax.plot(s["global_step"], s[tc], lw=1.2, label=f"train {tc}")
-            series.append(s[tc])
+            x, y = _points(train, tc)
+            ax.plot(x, y, lw=1.2, label=f"train {tc}")
+            vals += y
         if vc:
-            s = val[["global_step", vc]].dropna()
-            ax.plot(s["global_step"], s[vc], "o-", ms=3, lw=1, label=f"val {vc}")
-            series.append(s[vc])
-        vals = pd.concat(series) if series else pd.Series(dtype=float)
-        if len(vals) and (vals > 0).all() and vals.max() / max(vals.min(), 1e-300) > 10:
+            x, y = _points(val, vc)
+            ax.plot(x, y, "o-", ms=3, lw=1, label=f"val {vc}")
+            vals += y
+        if vals and all(v > 0 for v in vals) and max(vals) / max(min(vals), 1e-300) > 10:
             ax.set_yscale("log")
         ax.set_title(tc or vc, fontsize=10)
         ax.set_xlabel("optimizer step", fontsize=8)
@@ -94,20 +131,20 @@ def plot_loss_curves(df: pd.DataFrame, out: str | Path, title: str = "") -> Path
     return out
 
 
-def _write_csv(df: pd.DataFrame, out: Path) -> Path:
-    atomic_write(out, lambda f: f.write(df.to_csv(index=False).encode()))
+def _write_csv(table: Table, out: Path) -> Path:
+    atomic_write(out, lambda f: f.write(table.to_csv().encode()))
     return out
 
 
 def stage_curves(results: str | Path, stage: str) -> list[Path]:
     """Write a stage's loss-curve PNG and its train/val CSVs (for `dvc plots`)."""
     layout = StageLayout(results, stage)
-    df = read_metrics_jsonl(layout.metrics_log)
-    out = [plot_loss_curves(df, layout.curve("png"), f"{stage}: training curves")]
+    table = read_metrics_jsonl(layout.metrics_log)
+    out = [plot_loss_curves(table, layout.curve("png"), f"{stage}: training curves")]
     for split in ("train", "val"):
-        part = df[df["split"] == split] if "split" in df else df
+        part = table.where("split", split)
         cols = ["epoch", "batch", "global_step", *_metric_columns(part)]
-        out.append(_write_csv(part[[c for c in cols if c in part.columns]], layout.curve(split)))
+        out.append(_write_csv(Table(cols, part.rows), layout.curve(split)))
     return out
 
 
@@ -133,36 +170,38 @@ def _get(d: dict, dotted: str):
     return d
 
 
-def summary_table(metrics: dict[str, dict]) -> pd.DataFrame:
+def summary_table(metrics: dict[str, dict]) -> Table:
     """One row per stage ({stage: metrics.json contents}, in pipeline order)."""
     rows = []
     for stage, m in metrics.items():
         row = {name: _get(m, key) for key, name in SUMMARY_COLUMNS}
         row["stage"] = stage
         rows.append(row)
-    df = pd.DataFrame(rows, columns=[name for _, name in SUMMARY_COLUMNS])
     keep = {"stage", "mse", "psnr", "ssim", "lpips", "rfid"}  # these stay even when no stage could compute them
-    return df[[c for c in df.columns if c in keep or df[c].notna().any()]]
+    cols = [name for _, name in SUMMARY_COLUMNS if name in keep or any(_present(r[name]) for r in rows)]
+    return Table(cols, [{c: r[c] for c in cols} for r in rows])
 
 
-def _display(df: pd.DataFrame, metrics: dict[str, dict]) -> pd.DataFrame:
+def _display(table: Table, metrics: dict[str, dict]) -> Table:
     """Cells as text for Markdown/HTML: LPIPS / rFID that were not computed (no weights) read
     "n/a"; numbers from test-only random weights are marked "(not comparable)"."""
-    out = df.astype(object).map(_cell)
-    for col in ("lpips", "rfid"):
-        if col not in out.columns:
-            continue
-        for i, stage in enumerate(df["stage"]):
-            sec = metrics[stage].get(col) or {}
+    rows = []
+    for row in table.rows:
+        shown = {c: _cell(row[c]) for c in table.columns}
+        for col in ("lpips", "rfid"):
+            if col not in shown:
+                continue
+            sec = metrics[row["stage"]].get(col) or {}
             if sec.get("available") is False:
-                out.loc[i, col] = "n/a"
+                shown[col] = "n/a"
             elif sec.get("comparable") is False:
-                out.loc[i, col] += " (not comparable)"
-    return out
+                shown[col] += " (not comparable)"
+        rows.append(shown)
+    return Table(table.columns, rows)
 
 
 def _cell(v) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
+    if not _present(v):
         return ""
     if isinstance(v, bool):
         return "yes" if v else "no"
@@ -171,13 +210,21 @@ def _cell(v) -> str:
     return str(v)
 
 
-def to_markdown(df: pd.DataFrame) -> str:
+def to_markdown(table: Table) -> str:
     """A GitHub-flavoured Markdown table (no tabulate dependency)."""
-    head = "| " + " | ".join(df.columns) + " |"
-    sep = "| " + " | ".join("---" for _ in df.columns) + " |"
-    body = ["| " + " | ".join(v if isinstance(v, str) else _cell(v) for v in row) + " |"
-            for row in df.astype(object).itertuples(index=False)]
+    head = "| " + " | ".join(table.columns) + " |"
+    sep = "| " + " | ".join("---" for _ in table.columns) + " |"
+    body = ["| " + " | ".join(v if isinstance(v, str) else _cell(v) for v in (r.get(c) for c in table.columns)) + " |"
+            for r in table.rows]
     return "\n".join([head, sep, *body]) + "\n"
+
+
+def to_html(table: Table) -> str:
+    esc = htmllib.escape
+    head = "".join(f"<th>{esc(c)}</th>" for c in table.columns)
+    body = "".join("<tr>" + "".join(f"<td>{esc(str(r.get(c, '')))}</td>" for c in table.columns) + "</tr>"
+                   for r in table.rows)
+    return f"<table class='vaeflow-summary'><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
 NOTES = [
@@ -191,23 +238,22 @@ NOTES = [
 ]
 
 
-def write_summary(metrics: dict[str, dict], csv: str | Path, md: str | Path, html: str | Path | None = None) -> pd.DataFrame:
-    df = summary_table(metrics)
-    atomic_write(csv, lambda f: f.write(df.to_csv(index=False).encode()))
-    shown = _display(df, metrics)
+def write_summary(metrics: dict[str, dict], csv_path: str | Path, md: str | Path, html: str | Path | None = None) -> Table:
+    table = summary_table(metrics)
+    atomic_write(csv_path, lambda f: f.write(table.to_csv().encode()))
+    shown = _display(table, metrics)
     text = "# Evaluation summary\n\n" + to_markdown(shown) + "\n" + "\n".join(f"- {n}" for n in NOTES) + "\n"
     atomic_write(md, lambda f: f.write(text.encode()))
     if html is not None:
-        table = shown.to_html(index=False, border=0, classes="vaeflow-summary")
-        notes = "".join(f"<li>{n}</li>" for n in NOTES)
+        notes = "".join(f"<li>{htmllib.escape(n)}</li>" for n in NOTES)
         page = (
             "<!DOCTYPE html><html><head><meta charset='utf-8'><title>vaeflow evaluation summary</title>"
             "<style>body{font-family:sans-serif;font-size:13px}table{border-collapse:collapse}"
             "td,th{padding:3px 8px;border-bottom:1px solid #ddd;text-align:right}</style></head><body>"
-            f"<h2>Evaluation summary</h2>{table}<ul>{notes}</ul></body></html>\n"
+            f"<h2>Evaluation summary</h2>{to_html(shown)}<ul>{notes}</ul></body></html>\n"
         )
         atomic_write(html, lambda f: f.write(page.encode()))
-    return df
+    return table
 
 
 def iter_stage_metrics(results: str | Path, stages: Iterable[str]) -> dict[str, dict]:

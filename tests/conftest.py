@@ -19,6 +19,13 @@ os.environ["SLURM_CONF"] = os.devnull
 # ~40 in a suite run on 2 cores); the tests must not reach the network anyway.
 os.environ["DVC_NO_ANALYTICS"] = "1"
 
+# The whole suite at the lowest CPU priority (inherited by every worker and job): the rules'
+# `nice -n 19` side jobs (evaluate, sample, curves beside the next training) then share the
+# cores evenly with the other workers' processes instead of starving behind them on a busy
+# machine (a Snakemake test's niced evaluate jobs waited about 100 s: 119 s for a test that
+# takes 14 s alone). Only scheduling changes; SLURM's jobs (started by slurmd) keep theirs.
+os.nice(19 - os.nice(0))
+
 # pytest-xdist runs the suite in four workers on 2 cores, beside the jobs the tests start: one
 # intra-op thread per worker, and idle OpenMP threads that sleep instead of spinning
 # (OMP_WAIT_POLICY=PASSIVE, inherited by every job; support.tool_env sets it too). Spinning
@@ -41,20 +48,32 @@ def _one_thread() -> None:
 _one_thread()  # for session fixtures, which start before the per-test reset below
 
 
-# The longest test files, longest first (measured: README, "Test suite"). pytest-xdist hands
-# each file to one worker (`--dist loadfile`, pyproject.toml) in collection order; starting
-# the long ones first keeps a long file from running alone at the end. Only the order
-# changes: a file missing here runs after them.
+# The longest test files, longest first (wall seconds per file in a full run, by
+# benchmarks/pytest_cpu_per_test.py, 2026-12-07). pytest-xdist hands each file to one worker
+# (`--dist loadfile`, pyproject.toml) in collection order; longest first keeps a long file
+# from running alone at the end (test_trainer_modes.py, 24 s, ran last and alone for 20 s
+# when only the first nine were listed). Only the order changes: a file missing here runs
+# after them.
 LONGEST_FIRST = [
-    "tests/test_slurm.py",  # these two mostly wait on SLURM jobs, beside the rest
+    "tests/test_slurm.py",  # these two mostly wait on SLURM jobs, beside the rest (202 s, 92 s)
     "tests/test_slurm_two_nodes.py",
-    "tests/test_resume.py",
-    "tests/test_reproducible.py",
-    "tests/test_nonfinite_e2e.py",
-    "tests/test_distributed.py",
-    "tests/test_dvc_e2e.py",
-    "tests/test_precision.py",
-    "tests/test_fuzz_config.py",
+    "tests/test_reproducible.py",  # 210 s
+    "tests/test_resume.py",  # 195 s
+    "tests/test_precision.py",  # 122 s, one test
+    "tests/test_fuzz_config.py",  # 66 s
+    "tests/test_nonfinite_e2e.py",  # 53 s
+    "tests/test_distributed.py",  # 43 s
+    "tests/test_schema_keys.py",  # 37 s
+    "tests/test_bench_autoencoder_kl.py",  # 30 s
+    "tests/evaluation/test_rfid.py",  # 28 s
+    "tests/test_trainer_modes.py",  # 24 s
+    "tests/test_model_families.py",  # 23 s
+    "tests/test_dvc_e2e.py",  # 19 s
+    "tests/test_nonfinite.py",  # 19 s
+    "tests/evaluation/test_device.py",  # 14 s
+    "tests/test_grad_sync.py",  # 14 s
+    "tests/models/test_autoencoder_kl.py",  # 12 s
+    "tests/test_config_errors.py",  # 11 s
 ]
 
 

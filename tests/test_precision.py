@@ -177,14 +177,15 @@ def test_the_trainer_logs_its_precision(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_bf16_training_stays_within_0p2_db_of_fp32_on_the_default_config(tmp_path):
-    """One epoch of the default config's warm-up stage (89 steps), fp32 and bf16 autocast from
-    the same seed: bf16 loses at most 0.2 dB of test PSNR (EMA weights). On a CPU without
-    native bf16 it is emulated (same rounding, 4-5x the time here: torch's slow convolution
-    path). One-sided: the two runs' rounding differences move PSNR either way by about a
-    tenth, and a gain is not a quality loss. Measured on a 2-core AVX2 CPU, bf16 minus fp32,
-    seeds 0 / 1 / 2: -0.07 / -0.11 / +0.09 dB after one epoch, -0.11 / -0.11 dB after two
-    (two epochs here until 2026-12-07: 4.5x this test's CPU where bf16 is emulated, no wider
-    margin); on an AVX512-BF16 CPU after two epochs: +0.39 dB."""
+    """The default config's warm-up stage for 60 steps (two thirds of its first epoch), fp32
+    and bf16 autocast from the same seed: bf16 loses at most 0.2 dB of test PSNR (EMA weights).
+    On a CPU without native bf16 it is emulated (same rounding, 3-7x the time of fp32: torch's
+    slow convolution path). One-sided: the two runs' rounding differences move PSNR either way
+    by about a tenth, and a gain is not a quality loss. Measured on a 2-core AVX2 CPU, bf16
+    minus fp32, seeds 0 / 1 / 2: -0.02 / +0.04 / +0.27 dB after 60 steps, -0.07 / -0.11 /
+    +0.09 dB after the whole epoch (89 steps, this test until the third session of 2026-12-07:
+    46 s alone in one thread against 31 s now), -0.11 / -0.11 dB after two epochs; on an
+    AVX512-BF16 CPU after two epochs: +0.39 dB."""
     from vaeflow.data import prepare_dataset
     from vaeflow.evaluate import evaluate_checkpoint
     from vaeflow.trainer import run_stage
@@ -192,6 +193,7 @@ def test_bf16_training_stays_within_0p2_db_of_fp32_on_the_default_config(tmp_pat
     raw = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     raw["training"]["pipeline"]["steps"] = raw["training"]["pipeline"]["steps"][:1]
     raw["training"]["pipeline"]["steps"][0]["n_epochs"] = 1
+    raw["training"]["pipeline"]["steps"][0]["max_steps"] = 60
     prepare_dataset(cfg.validate(raw)["data"], tmp_path / "data")
     psnr = {}
     for amp in ("fp32", "bf16"):
@@ -204,6 +206,6 @@ def test_bf16_training_stays_within_0p2_db_of_fp32_on_the_default_config(tmp_pat
         m = evaluate_checkpoint(results / "vae_warmup" / "best.pt", tmp_path / "data",
                                 eval_cfg={"iw_samples": 1, "nll_max_images": 1}, log=lambda *a: None)
         psnr[amp] = m["psnr"]
-    print(f"test PSNR after one epoch: {psnr}")
-    assert psnr["fp32"] > 15  # it learned something in one epoch (measured 18.5 dB)
+    print(f"test PSNR after 60 steps: {psnr}")
+    assert psnr["fp32"] > 15  # it learned something (measured 17.8 dB)
     assert psnr["bf16"] >= psnr["fp32"] - 0.2, psnr

@@ -38,21 +38,23 @@ def atomic_write(path: str | Path, write) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_path(path.parent)
 
 
-def _fsync_dir(folder: Path) -> None:
-    dir_fd = os.open(folder, os.O_RDONLY)
+def fsync_path(path: str | Path) -> None:
+    """fsync a file or a folder by path (a folder: so a rename in it is durable)."""
+    fd = os.open(path, os.O_RDONLY)
     try:
-        os.fsync(dir_fd)
+        os.fsync(fd)
     finally:
-        os.close(dir_fd)
+        os.close(fd)
 
 
 def atomic_link(src: str | Path, path: str | Path) -> None:
-    """Make path a hard link of the complete file src, replacing path atomically."""
+    """Make path a hard link of the complete file src, replacing path atomically. The temp
+    name is fixed (one writer per file), so a link left by a kill is replaced next time."""
     src, path = Path(src), Path(path)
-    tmp = path.parent / f".{path.name}.{os.getpid()}.link"
+    tmp = path.parent / f".{path.name}.link"
     tmp.unlink(missing_ok=True)
     os.link(src, tmp)
     try:
@@ -60,7 +62,7 @@ def atomic_link(src: str | Path, path: str | Path) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_path(path.parent)
 
 
 def save(obj: dict[str, Any], path: str | Path, also: tuple[str | Path, ...] = ()) -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vaeflow.checkpoint import fsync_path
 from vaeflow.layout import DATA_FILES, MANIFEST, SPLITS, split_file
 
 from .errors import DataError
@@ -88,14 +89,6 @@ def split_records(records: list[Record], val: float, test: float, seed: int) -> 
 
 # -- writing -----------------------------------------------------------------
 
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _check_target(out_dir: Path) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise DataError(f"prepared-data target {out_dir} exists and is not a directory")
@@ -141,7 +134,7 @@ class _SplitWriter:
                 self.arr = None
                 os.replace(tmp, self.path)
             self.arr = None
-        _fsync_path(self.path)
+        fsync_path(self.path)
         return (self.count,) + tuple(item_shape)
 
 
@@ -236,7 +229,7 @@ def prepare_dataset(data_cfg: dict, out_dir: str | Path) -> dict:
             fh.write("\n")
             fh.flush()
             os.fsync(fh.fileno())
-        _fsync_path(tmp)
+        fsync_path(tmp)
         _swap_in(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -258,7 +251,7 @@ def _swap_in(tmp: Path, out_dir: Path) -> None:
         if old is not None:
             os.rename(old, out_dir)
         raise
-    _fsync_path(out_dir.parent)
+    fsync_path(out_dir.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

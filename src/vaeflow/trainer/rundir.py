@@ -8,7 +8,6 @@ are published to <stage>/.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from datetime import datetime
 from pathlib import Path
@@ -97,8 +96,5 @@ class RunDir:
         if not self.dist.main:
             return
         for name in reversed(TRAIN_FILES):  # best.pt last: it is what the next stage waits for
-            tmp = self.layout.dir / f".{name}.publish"
-            tmp.unlink(missing_ok=True)
-            os.link(self.work(name), tmp)
-            os.replace(tmp, self.layout.dir / name)
+            ckpt.atomic_link(self.work(name), self.layout.dir / name)
         shutil.rmtree(self.running)

@@ -42,18 +42,29 @@ def kill_after_checkpoint(project: Path, stage: str, min_step: int) -> None:
                             stderr=subprocess.DEVNULL, start_new_session=True)
     last = project / "results" / stage / "running" / "last.pt"
     deadline = time.time() + 240
+    seen = None
     try:
         while time.time() < deadline:
             if proc.poll() is not None:
                 raise AssertionError(f"{stage} finished before it could be killed")
-            if last.exists():
+            # A cheap stat each turn; a new file (the save renames over last.pt) stops the stage
+            # while it is read, so a poller starved on a loaded machine cannot sleep through the
+            # remaining saves and find the stage already published (a CI run did).
+            try:
+                st = last.stat()
+            except FileNotFoundError:
+                st = None
+            if st is not None and (st.st_ino, st.st_mtime_ns) != seen:
+                os.killpg(proc.pid, signal.SIGSTOP)
+                seen = (st.st_ino, st.st_mtime_ns)
                 try:
                     step = torch.load(last, weights_only=True)["global_step"]
-                except Exception:  # caught between writes: the rename is atomic, so retry
-                    step = -1
+                except Exception:  # replaced between the stat and the load: read it next turn
+                    seen, step = None, -1
                 if step >= min_step:
                     break
-            time.sleep(0.05)
+                os.killpg(proc.pid, signal.SIGCONT)
+            time.sleep(0.01)
         else:
             raise AssertionError("no resume checkpoint appeared")
     finally:
@@ -134,9 +145,12 @@ def test_snakemake_rerun_incomplete_resumes(project, tiny_data):
     last = project / "results" / "vae_warmup" / "running" / "last.pt"
     deadline = time.time() + 240
     while not last.exists() and time.time() < deadline:
-        time.sleep(0.05)
+        time.sleep(0.01)
     assert last.exists()
+    # Stopped while the training process is found and killed: the stage cannot finish meanwhile.
+    os.killpg(smk.pid, signal.SIGSTOP)
     kill_descendant(smk.pid, "scripts/train.py")
+    os.killpg(smk.pid, signal.SIGCONT)
     assert smk.wait(timeout=120) != 0
     assert last.exists()  # survived Snakemake's cleanup of the failed job's outputs
     run(["snakemake", "--cores", "1", "--rerun-incomplete", "results/vae_warmup/best.pt"], project)

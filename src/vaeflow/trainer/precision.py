@@ -10,7 +10,10 @@
                  2-core AVX512-BF16 CPU (benchmarks/bench_bf16_cpu.py): the default 16 px
                  model (0.03 GFLOP per image) 0.78x, the digits model with base_ch 32
                  (0.10) 0.97x at 16 px and 1.16x at 32 px (0.42), the CelebA preset
-                 (13.9) 1.87x, CT's 256 px model (223) 2.52x. Without
+                 (13.9) 1.87x, CT's 256 px model (223) 2.52x. On a 2-core Zen 5
+                 EPYC (full-width AVX512) bf16 gains more at the small end: the default
+                 1.04-1.10x, base_ch 32 at 16 px 1.26-1.94x, at 32 px 1.50x, CelebA
+                 1.87x; the threshold keeps fp32 where some bf16 CPUs lose. Without
                  native bf16 the CPU emulates it, several times slower (a 2-core AVX2
                  CPU: the default model 0.30x, base_ch 32 0.14x), so fp32;
            other devices (MPS): fp32.

@@ -21,11 +21,13 @@ class _EvalMode:
         self.model = model
 
     def __enter__(self):
-        self.was_training = self.model.training
+        # per module: a frozen part stays in eval mode after validation (build.apply_modes)
+        self.modes = [(m, m.training) for m in self.model.modules()]
         self.model.eval()
 
     def __exit__(self, *exc):
-        self.model.train(self.was_training)
+        for m, training in self.modes:
+            m.training = training
 
 
 @torch.no_grad()

@@ -58,6 +58,8 @@ def roll_back(t, reason: str) -> None:
         stop(t, reason, last, saved)
     before = t.state
     t.state = train_state.restore(saved, t.models, t.opts, t.dist)  # weights, optimizers, RNG, data position
+    # as at resume: every rank must have read the same last.pt (a node with a stale copy would train on alone)
+    t.dist.check_agree("the rollback point (epoch, batch, step)", (t.state.epoch, t.state.batch, t.state.global_step))
     factor = g.rolled_back(t.state, before, saved["rollbacks"])
     scale_learning_rates([o for _, o in t.opts.named()], [s for _, s in t.opts.named_schedulers()], factor)
     t.files.truncate_metrics(t.state.metrics_offset, keep=t.pending_events)

@@ -19,10 +19,12 @@ from vaeflow.metrics import to_model_range
 from vaeflow.trainer import faults, recovery, rng
 from vaeflow.trainer import state as train_state
 from vaeflow.trainer.batches import BatchFetcher, batches_per_epoch, epoch_order
-from vaeflow.trainer.build import build_devices, build_losses, build_models, build_optimizers, first_image, max_epochs
+from vaeflow.trainer.build import (apply_modes, build_devices, build_losses, build_models, build_optimizers, first_image,
+                                   max_epochs)
 from vaeflow.trainer.console import Console, Meter, train_line
 from vaeflow.trainer.distributed import Dist, init_from_env
 from vaeflow.trainer.guard import Policy, StepGuard, all_finite
+from vaeflow.trainer.noise import SampleNoise
 from vaeflow.trainer.objective import Objective
 from vaeflow.trainer.precision import choose_precision
 from vaeflow.trainer.rundir import RunDir
@@ -66,7 +68,8 @@ class StageTrainer:
         fault_plan = faults.from_env(stage)  # None unless VAEFLOW_FAULT is set: then no code path changes
         if fault_plan is not None:
             self.console.line(f"WARNING: {faults.ENV} is set (test hook): {fault_plan.describe()}")
-        self.train_step = TrainStep(s, self.models, self.objective, self.opts, self.dist, self.console, self.guard, fault_plan)
+        self.train_step = TrainStep(s, self.models, self.objective, self.opts, self.dist, self.console, self.guard,
+                                    fault_plan, SampleNoise(self.seed, self.index))
 
         self.batch_size = self.tcfg["batch_size"]
         self.n_batches = batches_per_epoch(len(self.train_data), self.batch_size, s["max_steps"])
@@ -99,18 +102,19 @@ class StageTrainer:
         st, models, dist = self.state, self.models, self.dist
         self.files.running.mkdir(parents=True, exist_ok=True)
         t_start, images_seen = time.perf_counter(), 0
-        models.model.train()
-        if models.discriminator is not None:
-            models.discriminator.train()
+        apply_modes(models)  # frozen parts in eval mode: bit-identical through the stage
         while not st.finished:
             order = epoch_order(len(self.train_data), self.seed, self.index, st.epoch)
             self.console.start_bar(self.n_batches, st.batch, f"{self.stage} epoch {st.epoch + 1}")
             meter, epoch_meter, window = Meter(), Meter(), Meter()
             t_log, imgs_log, rolled_back = time.perf_counter(), 0, False
-            for x in self.train_data.iterate(order, self.batch_size, st.batch, self.n_batches, dist.shard):
+            self.train_data.set_epoch(self.index, st.epoch)  # dynamic binarization keyed by (stage, epoch, item)
+            accum = self.train_step.accum
+            for rows, x in self.train_data.iterate(order, self.batch_size, st.batch, self.n_batches, dist.shard):
                 x = to_model_range(x, models.model).to(self.devices.main, non_blocking=True)
-                closes = (st.batch + 1) % self.train_step.accum == 0 or st.batch + 1 == self.n_batches
-                values = self.train_step(x, st, closes)  # forward + backward; the step comes at the window's end
+                closes = (st.batch + 1) % accum == 0 or st.batch + 1 == self.n_batches
+                size = min(accum, self.n_batches - st.batch // accum * accum)  # the epoch's last window may be shorter
+                values = self.train_step(x, st, closes, size, rows)  # forward + backward; the step ends the window
                 st.batch += 1
                 imgs_log, images_seen = imgs_log + x.shape[0], images_seen + x.shape[0]
                 window.add(values)

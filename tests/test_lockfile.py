@@ -53,7 +53,7 @@ def test_lock_satisfies_pyproject():
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     pins = locked()
     reqs = [Requirement(r) for r in project["dependencies"]]
-    for extra in ("test", "slurm"):
+    for extra in ("test", "slurm", "tensorboard"):
         reqs += [Requirement(r) for r in project["optional-dependencies"][extra]]
     problems = [p for r in reqs if (p := satisfied(r, pins))]
     assert not problems, "regenerate requirements/lock.txt (README: 'The lockfile'):\n" + "\n".join(problems)

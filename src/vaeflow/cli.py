@@ -307,8 +307,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Commands whose result depends on the code: refused when the working directory is a checkout
+# whose code is not the code that runs (vaeflow.provenance.foreign_code).
+CHECKOUT_COMMANDS = ("validate", "prepare", "train", "evaluate", "sample", "curves", "summary", "dvc-yaml")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in CHECKOUT_COMMANDS:
+        from vaeflow.provenance import foreign_code
+
+        if (problem := foreign_code()) is not None:
+            print(f"vaeflow: error: {problem}", file=sys.stderr)
+            return 2
     try:
         return args.func(args)
     except _known_errors() as exc:

@@ -53,3 +53,31 @@ def test_frozen_parts_are_bit_identical(tmp_path, family, freeze, extra):
     if "discriminator" not in freeze:  # and the stage did train something
         trained = [p for p in t.models.model.parameters() if p.requires_grad]
         assert not trained or t.state.global_step == 3
+
+
+@pytest.mark.slow
+def test_a_snakemake_stage_leaves_its_frozen_parts_bit_identical(tmp_path, tiny_data):
+    """From the checkpoints of a real run: the GAN stage freezes the encoder (and quant_conv),
+    so its best.pt holds, in the model and in the EMA, the warm-up's weights it started from."""
+    import yaml
+
+    from support import copy_prepared, make_project, run
+    from vaeflow import checkpoint as ckpt
+
+    p = make_project(tmp_path / "project")
+    path = p / "config" / "config.yaml"
+    raw = yaml.safe_load(path.read_text())
+    raw["training"]["ema_decay"] = 0.9
+    raw["training"]["pipeline"]["steps"][1]["freeze"] = ["encoder"]
+    path.write_text(yaml.safe_dump(raw))
+    copy_prepared(tiny_data, p)
+    run(["snakemake", "--cores", "2", "results/vae_gan/best.pt"], p)
+    warm = ckpt.load_vaeflow(p / "results" / "vae_warmup" / "best.pt")
+    gan = ckpt.load_vaeflow(p / "results" / "vae_gan" / "best.pt")
+    start = warm["ema"]  # a stage starts from its prior's EMA weights
+    frozen = [k for k in start if k.startswith(("encoder.", "quant_conv."))]
+    assert frozen and gan["global_step"] > 0
+    for where in ("model", "ema"):
+        changed = [k for k in frozen if not torch.equal(gan[where][k], start[k])]
+        assert not changed, f"vae_gan {where}: frozen tensors changed: {changed[:5]}"
+    assert any(not torch.equal(gan["model"][k], start[k]) for k in start if k.startswith("decoder."))

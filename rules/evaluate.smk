@@ -1,3 +1,6 @@
+from vaeflow.trainer.slurm import evaluate_job_resources
+
+
 rule evaluate:
     input:
         best=str(STAGE.best),
@@ -17,10 +20,13 @@ rule evaluate:
     conda:
         "../envs/vaeflow.yaml"
     threads: 1
-    # peak 2.8 GB at CelebA size (benchmarks/bench_eval_memory.py), plus 25 %
+    # peak 2.8 GB at CelebA size (benchmarks/bench_eval_memory.py), plus 25 %; runtime from the
+    # test split's size (read from the prepared manifest when the job is submitted), and a GPU
+    # (gres) when evaluation.device is cuda: vaeflow.trainer.slurm.evaluate_job_resources
     resources:
         mem_mb=3500,
-        runtime=30,
+        runtime=lambda wildcards, attempt: evaluate_job_resources(VF, DATA_FILES[0], attempt)["runtime"],
+        **{k: v for k, v in evaluate_job_resources(VF).items() if k != "runtime"},
     params:
         config=CONFIG_ARGS,
         code=CODE,

@@ -1,0 +1,71 @@
+"""`vaeflow` explains itself: a version, help on every argument of every command, a
+user's description with examples, `validate --config` like every other command, and a
+wrong `--stage` answered with the config's stage names."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+import vaeflow
+from support import REPO
+from vaeflow.cli import build_parser, main
+
+
+def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    (action,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return dict(action.choices)
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0 and capsys.readouterr().out.strip() == f"vaeflow {vaeflow.__version__}"
+
+
+def test_every_argument_of_every_command_has_help():
+    parser = build_parser()
+    missing = []
+    for name, sp in {"vaeflow": parser, **subcommands(parser)}.items():
+        for action in sp._actions:
+            if isinstance(action, argparse._SubParsersAction) or action.help == argparse.SUPPRESS:
+                continue
+            if not (action.help or "").strip():
+                missing.append(f"vaeflow {'' if name == 'vaeflow' else name + ' '}{'/'.join(action.option_strings) or action.dest}")
+    for action in [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]:
+        for choice in action._choices_actions:
+            if not (choice.help or "").strip():
+                missing.append(f"vaeflow {choice.dest} (the command's one-line help)")
+    assert not missing, "arguments without help text (add help=... in src/vaeflow/cli.py):\n" + "\n".join(missing)
+
+
+def test_top_level_help_is_for_a_user():
+    text = build_parser().format_help()
+    assert "trains image autoencoders" in text and "examples:" in text
+    assert "snakemake --cores 8" in text and "vaeflow validate --config" in text
+    assert "entry points" not in text  # how the code is wired is not the user's business
+
+
+@pytest.mark.parametrize("argv", [["validate", "config/config.yaml"], ["validate", "--config", "config/config.yaml"],
+                                  ["validate"]])
+def test_validate_takes_config_positionally_or_as_option(argv, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    assert main(argv) == 0
+    assert "Pipeline validation passed!" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate", "sample"])
+def test_wrong_stage_lists_the_config_stages(command, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    argv = [command, "--config", "config/config.yaml", "--stage", "vae_gna"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("vaeflow: error: --stage 'vae_gna' is not a stage of config/config.yaml; "
+                   "its stages: vae_warmup, vae_gan"), err
+
+
+def test_dvc_yaml_refuses_results_it_would_ignore(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["dvc-yaml", "--config", "config/config.yaml", "--results", "elsewhere"])
+    assert info.value.code == 2 and "unrecognized arguments: --results elsewhere" in capsys.readouterr().err

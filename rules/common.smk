@@ -38,7 +38,7 @@ PREPARE_DOWNLOADS = VF["data"]["dataset"] == "mnist" and VF["data"].get(
 
 # Evaluation, sampling and plots of a finished stage run beside the next stage's training
 # (the critical path) on a machine with few cores: at a lower CPU priority they take the
-# cores it leaves idle instead of slowing it (README, Performance). Numbers do not change.
+# cores it leaves idle instead of slowing it (docs/internals.md, "Processes and threads"). Numbers do not change.
 BESIDE_TRAINING = "nice -n 19"
 
 # Outputs restored by `dvc pull` get DAG-ordered mtimes, so they count as current.

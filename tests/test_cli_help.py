@@ -5,6 +5,8 @@ wrong `--stage` answered with the config's stage names."""
 from __future__ import annotations
 
 import argparse
+import inspect
+import re
 
 import pytest
 
@@ -69,3 +71,34 @@ def test_dvc_yaml_refuses_results_it_would_ignore(capsys):
     with pytest.raises(SystemExit) as info:
         main(["dvc-yaml", "--config", "config/config.yaml", "--results", "elsewhere"])
     assert info.value.code == 2 and "unrecognized arguments: --results elsewhere" in capsys.readouterr().err
+
+
+def _reads(func, seen=None) -> str:
+    """The source of a command function and of the cli helpers it hands `args` to."""
+    import vaeflow.cli as cli
+
+    seen = set() if seen is None else seen
+    if func.__name__ in seen:
+        return ""
+    seen.add(func.__name__)
+    src = inspect.getsource(func)
+    for name in re.findall(r"\b(_?\w+)\(args\b", src):
+        helper = getattr(cli, name, None)
+        if callable(helper) and getattr(helper, "__module__", "") == "vaeflow.cli":
+            src += _reads(helper, seen)
+    return src
+
+
+def test_every_flag_is_read_by_its_command():
+    """A flag the command never reads is accepted and ignored (as `dvc-yaml --results` was)."""
+    unread = []
+    for name, sp in subcommands(build_parser()).items():
+        func = sp.get_default("func")
+        src = _reads(func)
+        for action in sp._actions:
+            if action.dest in ("help", argparse.SUPPRESS) or isinstance(action, argparse._HelpAction):
+                continue
+            if not re.search(rf"args\.{action.dest}\b", src):
+                unread.append(f"vaeflow {name} {'/'.join(action.option_strings) or action.dest}: "
+                              f"args.{action.dest} is never read by {func.__name__}")
+    assert not unread, "\n".join(unread)

@@ -301,11 +301,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print vaeflow's version and exit")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def with_config(sp, required=True, results=True):
+    def with_config(sp, required=True, results=True, config=True):
         default = ["config/config.yaml"] if required else None
-        sp.add_argument("--config", nargs="+", default=default,
-                        help="config file(s); later files override earlier ones "
-                        f"(default: {default[0] if default else 'none: the schema defaults'})")
+        if config:
+            sp.add_argument("--config", nargs="+", default=default,
+                            help="config file(s); later files override earlier ones "
+                            f"(default: {default[0] if default else 'none: the schema defaults'})")
         if results:
             sp.add_argument("--results", default=RESULTS, help=f"results directory (default: {RESULTS})")
         return sp
@@ -338,7 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--samples", type=int, default=None, help="grid size, a perfect square (default: sampling.samples, 64)")
     sp.add_argument("--data-dir", default=None, help=f"prepared data (default: <results>/{DATA})")
     sp.set_defaults(func=cmd_sample)
-    sp = with_config(sub.add_parser("curves", help="loss-curve PNG and CSVs of one stage from its metrics.jsonl"))
+    # curves reads only <results>/<stage>/metrics.jsonl: no --config
+    sp = with_config(sub.add_parser("curves", help="loss-curve PNG and CSVs of one stage from its metrics.jsonl"),
+                     config=False)
     sp.add_argument("--stage", required=True, help="the stage whose <results>/<stage>/metrics.jsonl is plotted")
     sp.set_defaults(func=cmd_curves)
     summary_help = f"{RESULTS}/{{{','.join(SUMMARY_FILES)}}} across stages"

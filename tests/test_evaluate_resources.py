@@ -7,6 +7,7 @@ import copy
 import json
 import re
 
+import pytest
 import yaml
 
 from support import REPO, TINY, make_project, run
@@ -57,8 +58,8 @@ def test_the_rule_carries_them_into_the_job(tmp_path):
     config_path.write_text(yaml.safe_dump(config))
     project = make_project(tmp_path / "p", config_path)
 
-    def evaluate_resources():
-        res = run(["snakemake", "-n", "--cores", "1", "results/vae_gan/eval/metrics.json"], project)
+    def evaluate_resources(*profile):
+        res = run(["snakemake", "-n", "--cores", "1", "results/vae_gan/eval/metrics.json", *profile], project)
         block = res.stdout.split("rule evaluate:", 1)[1]
         return dict(re.findall(r"(\w+)=([^,\s]+)", re.search(r"resources: (.*)", block).group(1)))
 
@@ -68,3 +69,8 @@ def test_the_rule_carries_them_into_the_job(tmp_path):
     (project / "results" / "data" / "manifest.json").write_text(json.dumps({"counts": {"test": 200000}}))
     after = evaluate_resources()
     assert int(after["runtime"]) > int(before["runtime"]), (before, after)
+
+    pytest.importorskip("snakemake_executor_plugin_slurm")
+    # through the SLURM profile (what sbatch would get): the rule's GPU and runtime survive it
+    slurm = evaluate_resources("--profile", "profiles/slurm")
+    assert slurm["gres"] == "gpu:1" and slurm["runtime"] == after["runtime"], slurm

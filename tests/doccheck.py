@@ -265,6 +265,10 @@ def doc_sources() -> list[Doc]:
         # comments only (the values are checked by validating the config itself)
         lines = [(line.split("#", 1)[1] if "#" in line else "") for line in path.read_text().splitlines()]
         docs.append(Doc(str(path.relative_to(REPO)), "\n".join(lines), "yaml-comments"))
+    # the examples of `vaeflow --help` (its epilog) name commands and flags
+    from vaeflow.cli import EPILOG
+
+    docs.append(Doc("src/vaeflow/cli.py (EPILOG)", "```\n" + EPILOG + "\n```", "md"))
     # the schema's descriptions name keys and files too
     docs.append(Doc(str(SCHEMA_PATH.relative_to(REPO)), SCHEMA_PATH.read_text(), "schema"))
     return docs

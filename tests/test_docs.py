@@ -102,3 +102,22 @@ def test_readme_keeps_the_ci_markers_and_its_length():
         i = lines.index(marker)
         assert lines[i + 1].startswith("```") and lines[i + 2].startswith("python3 -m venv .venv"), marker
     assert re.search(r"^snakemake --cores 8 --configfile config/image_dir\.yaml", text, re.M)  # own images: one command
+
+
+def test_license_and_citation():
+    import hashlib
+    import tomllib
+
+    import yaml
+
+    text = (REPO / "LICENSE").read_text()
+    assert text.strip().startswith("Apache License") and "Version 2.0, January 2004" in text
+    assert "END OF TERMS AND CONDITIONS" in text and "APPENDIX: How to apply the Apache License" in text
+    # the Apache Software Foundation's LICENSE-2.0.txt, unchanged
+    assert hashlib.md5((REPO / "LICENSE").read_bytes()).hexdigest() == "3b83ef96387f14655fc854ddc3c6bd57"
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert project["license"] == "Apache-2.0" and project["license-files"] == ["LICENSE"]
+    cff = yaml.safe_load((REPO / "CITATION.cff").read_text())
+    assert cff["cff-version"] == "1.2.0" and cff["license"] == "Apache-2.0"
+    assert cff["version"] == project["version"] and cff["title"] and cff["authors"] and cff["message"]
+    assert (REPO / "CHANGELOG.md").read_text().startswith("# Changelog")

@@ -361,6 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("provenance", help="the code fingerprint, git commit and tool versions that made a checkpoint or metrics.json")
     sp.add_argument("files", nargs="+", metavar="FILE", help="checkpoint(s) (.pt) or eval/metrics.json file(s)")
     sp.set_defaults(func=cmd_provenance)
+    for action in sub._choices_actions:  # `vaeflow COMMAND --help` starts with what the command does
+        sub.choices[action.dest].description = sub.choices[action.dest].description or action.help
     return p
 
 

@@ -103,6 +103,26 @@ def model_options() -> frozenset[str]:
     return frozenset(names)
 
 
+# Property names too generic to start a relative key path: `vae.config.scaling_factor` is
+# diffusers' API, not `optimizers.vae`.
+RELATIVE_SKIP = frozenset({"vae", "type", "name", "mode", "metric", "device", "format"})
+
+
+@lru_cache(maxsize=1)
+def model_attributes() -> frozenset[str]:
+    """Attributes of the model classes (methods, properties): `model.encode` is Python, not a key."""
+    from vaeflow.models import MODEL_REGISTRY, get_model_class
+
+    names: set[str] = set()
+    for type_name in MODEL_REGISTRY:
+        target = get_model_class(type_name)
+        for cls in getattr(target, "__mro__", ()):
+            names |= set(vars(cls))
+    import torch
+
+    return frozenset(names | set(dir(torch.nn.Module)))
+
+
 class Schema:
     def __init__(self, schema: dict):
         self.schema = schema
@@ -141,12 +161,13 @@ class Schema:
         parts = path.split(".")
         first = parts[0]
         if first == "model" and len(parts) >= 2:
-            return None if parts[1] in model_options() or parts[1] == "*" else \
-                f"`{parts[1]}` is not an option of any model type (vaeflow.models)"
+            if parts[1] in model_options() or parts[1] == "*" or parts[1] in model_attributes():
+                return None  # an option, or the Python API (`model.encode`, `model.latent_shape`)
+            return f"`{parts[1]}` is not an option of any model type (vaeflow.models)"
         if first in self.root:
             bad = self._resolve(self.root, parts)
             return None if bad is None else f"no key `{bad}` there in {SCHEMA_PATH.relative_to(REPO)}"
-        if first in self.owners:  # relative to a section: `split.val`, `optimization.optimizers.vae.lr`
+        if first in self.owners and first not in RELATIVE_SKIP:  # relative: `split.val`, `optimization.optimizers.vae.lr`
             errors = [self._resolve(props, parts) for props in self.owners[first]]
             if any(e is None for e in errors):
                 return None
@@ -155,6 +176,8 @@ class Schema:
 
     def looks_like_config(self, path: str) -> bool:
         first = path.split(".")[0]
+        if first in RELATIVE_SKIP:
+            return False
         return first in self.root or first in self.owners
 
     def check_yaml(self, data, props: dict | None = None, prefix: str = "") -> list[tuple[str, str]]:

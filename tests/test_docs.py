@@ -89,6 +89,7 @@ def test_drifting_numbers_in_config_comments_are_reported():
     "scikit-learn's bundled digits; no download. MNIST is downloaded through torchvision.",
     "```\nvaeflow: error: config error in data.split\nversions: torch 2.14.1, vaeflow 0.1.0\n```",
     "`training.pipeline.steps.<i>`, `model.ch_mult`, `evaluation.device: cuda`, `vaeflow --version`",
+    "diffusers' `vae.config.scaling_factor`, `model.encode`, `model.load_state_dict`, `device.type`",
 ])
 def test_what_is_not_a_name_is_not_reported(text):
     assert synthetic(text) == []

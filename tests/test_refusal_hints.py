@@ -105,3 +105,44 @@ def test_ct_patient_grouping_hint_works(tmp_path):
     msg = refused(cfg, tmp_path / "out")
     assert "(or set data.ct.group_by: series)" in msg, msg
     assert_all_splits(prepare_dataset({**cfg, "ct": {"group_by": "series"}}, tmp_path / "out"))
+
+
+def _default_config():
+    import yaml
+
+    from support import REPO
+
+    return yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+
+
+def _code_level_error(c: dict) -> str | None:
+    from vaeflow import config as cfg
+    from vaeflow.preflight import check_code_level
+
+    try:
+        check_code_level(cfg.validate(c))
+    except cfg.ConfigError as exc:
+        return str(exc)
+    return None
+
+
+def test_too_many_levels_hint_works():
+    c = _default_config()
+    c["model"]["ch_mult"] = [1, 2, 2, 2, 2, 2]  # 5 halvings of 16 px
+    msg = _code_level_error(c)
+    m = re.search(r"use at most (\d+) levels", msg or "")
+    assert m, msg
+    c["model"]["ch_mult"] = c["model"]["ch_mult"][: int(m.group(1))]
+    after = _code_level_error(c)  # the model now fits; a 1x1x1 latent may fail another key
+    assert after is None or "model.ch_mult" not in after, after
+    c["model"]["ch_mult"] = c["model"]["ch_mult"][:-1]  # one level fewer: a 2x2 latent, and everything passes
+    assert _code_level_error(c) is None
+
+
+def test_resolution_mismatch_hint_works():
+    c = _default_config()
+    c["model"]["resolution"] = 32
+    msg = _code_level_error(c)
+    assert msg and "model.resolution" in msg and "set both to the same size" in msg, msg
+    c["model"]["resolution"] = c["data"]["image_size"]
+    assert _code_level_error(c) is None

@@ -1,6 +1,3 @@
-from vaeflow.trainer.slurm import evaluate_job_resources
-
-
 rule evaluate:
     input:
         best=str(STAGE.best),
@@ -24,9 +21,9 @@ rule evaluate:
     # test split's size (read from the prepared manifest when the job is submitted), and a GPU
     # (gres) when evaluation.device is cuda: vaeflow.trainer.slurm.evaluate_job_resources
     resources:
+        **evaluate_gpu(),
         mem_mb=3500,
-        runtime=lambda wildcards, attempt: evaluate_job_resources(VF, DATA_FILES[0], attempt)["runtime"],
-        **{k: v for k, v in evaluate_job_resources(VF).items() if k != "runtime"},
+        runtime=evaluate_runtime,
     params:
         config=CONFIG_ARGS,
         code=CODE,

@@ -49,6 +49,7 @@ def test_runtime_grows_with_the_test_split_and_the_attempt(tmp_path):
     assert evaluate_job_resources(with_eval(fid_images=0), manifest(tmp_path, 19962))["runtime"] < 3 * 60
 
 
+@pytest.mark.slow
 def test_the_rule_carries_them_into_the_job(tmp_path):
     """Snakemake's dry run shows the evaluate job's resources: a GPU for evaluation.device cuda,
     and a runtime read from the prepared manifest when it exists."""

@@ -66,6 +66,7 @@ def test_sd_recipe_follows_its_scaling_rule():
     assert f"{c['training']['batch_size']}" in text and "4.32e-4" in text
 
 
+@pytest.mark.slow  # two training stages in-process: about 15 CPU-s
 def test_image_dir_recipe_trains_on_a_folder_of_photographs(tmp_path, monkeypatch):
     """The own-images recipe as shipped (model, losses, optimizers), on scikit-image's natural
     images in a nested folder; only the folder and the step count change: prepare, then both

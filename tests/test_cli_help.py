@@ -74,17 +74,27 @@ def test_dvc_yaml_refuses_results_it_would_ignore(capsys):
 
 
 def _reads(func, seen=None) -> str:
-    """The source of a command function and of the cli helpers it hands `args` to."""
-    import vaeflow.cli as cli
+    """The source of a command function and of the functions it hands `args` to (cli helpers,
+    or functions it imports from other vaeflow modules)."""
+    import importlib
 
     seen = set() if seen is None else seen
-    if func.__name__ in seen:
+    if func in seen:
         return ""
-    seen.add(func.__name__)
-    src = inspect.getsource(func)
+    seen.add(func)
+    try:
+        src = inspect.getsource(func)
+    except (OSError, TypeError):
+        return ""
+    imported = {}
+    for module, names in re.findall(r"from (vaeflow[\w.]*) import ([\w, ]+)", src):
+        for name in (n.strip() for n in names.split(",")):
+            imported[name] = (module, name)
     for name in re.findall(r"\b(_?\w+)\(args\b", src):
-        helper = getattr(cli, name, None)
-        if callable(helper) and getattr(helper, "__module__", "") == "vaeflow.cli":
+        helper = func.__globals__.get(name)
+        if helper is None and name in imported:
+            helper = getattr(importlib.import_module(imported[name][0]), imported[name][1], None)
+        if callable(helper) and getattr(helper, "__module__", "").startswith("vaeflow"):
             src += _reads(helper, seen)
     return src
 

@@ -60,7 +60,9 @@ LONGEST_FIRST = [
     "tests/test_reproducible.py",  # 210 s
     "tests/test_resume.py",  # 195 s
     "tests/test_precision.py",  # 122 s, one test
+    "tests/invariants/test_resume_stochastic.py",  # 3 kill-and-resume pairs, one under torchrun
     "tests/test_fuzz_config.py",  # 66 s
+    "tests/invariants/test_two_processes.py",  # torchrun twice, 2-process stages twice
     "tests/test_nonfinite_e2e.py",  # 53 s
     "tests/test_distributed.py",  # 43 s
     "tests/test_schema_keys.py",  # 37 s

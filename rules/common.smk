@@ -11,29 +11,42 @@ from vaeflow import config as vfconfig
 from vaeflow.dvcsync import sync_mtimes
 from vaeflow.layout import RESULTS, Layout
 from vaeflow.provenance import code_fingerprint
+from vaeflow.sweep import snakemake_runs
 
+# The runs of this invocation (vaeflow.sweep): the config's own (the default run, or a named
+# one with `run:`), or every row of a sweep file, each validated before any job starts. Stage
+# commands read the config files themselves; --config overrides would not reach them.
 try:
-    VF = vfconfig.validate(config)  # one message naming the key path
+    SWEEP, RUNS = snakemake_runs(config, workflow.configfiles)  # one message naming the key path
 except (vfconfig.ConfigError, ValueError) as exc:
     raise WorkflowError(str(exc))
-# Stage commands read the config files themselves; --config overrides would not reach them.
-if vfconfig.load(workflow.configfiles) != VF:
-    raise WorkflowError(
-        "--config overrides are not passed to the stage commands (nor to DVC): "
-        "put the change in a config file and pass it with --configfile"
-    )
+DEFAULT_RUN = next((r for r in RUNS if r.name is None), None)  # results/ itself
+NAMED = {r.name: r for r in RUNS if r.name is not None}  # results/<run>/ (rules/runs.smk)
+VF = (DEFAULT_RUN or RUNS[0]).config
 
 # The package's source (vaeflow.provenance): in every rule's params, so a code edit reruns.
 CODE = code_fingerprint()
-CONFIG_ARGS = " ".join(str(p) for p in workflow.configfiles)
-STAGES = vfconfig.stage_names(VF)
+
+
+def CONFIG_ARGS(wildcards):
+    """The default run's config files (its rules' params); refused when this invocation has none."""
+    if DEFAULT_RUN is None:
+        raise WorkflowError(
+            f"this invocation runs named runs only ({', '.join(NAMED)}): their outputs are under "
+            f"{RESULTS}/<run>/, and the default run's need a config without `run:`"
+        )
+    return DEFAULT_RUN.args
+
+
+STAGES = vfconfig.stage_names(VF) if DEFAULT_RUN else []
 LAYOUT = Layout(RESULTS)
 STAGE = LAYOUT.stage("{stage}")  # paths of the {stage} wildcard
 DATA_FILES = [str(p) for p in LAYOUT.data_files()]
 SAMPLE_LABEL = VF["sampling"]["checkpoint"]
 # prepare may download (MNIST through torchvision): keep it off compute nodes without internet.
-PREPARE_DOWNLOADS = VF["data"]["dataset"] == "mnist" and VF["data"].get(
-    "download", True
+PREPARE_DOWNLOADS = any(
+    r.config["data"]["dataset"] == "mnist" and r.config["data"].get("download", True)
+    for r in RUNS
 )
 
 # Evaluation, sampling and plots of a finished stage run beside the next stage's training
@@ -46,12 +59,12 @@ sync_mtimes()
 
 
 wildcard_constraints:
-    stage="|".join(STAGES),
+    stage="|".join(STAGES) or "(?!)",  # no default run: its rules match nothing
 
 
-def raw_data():
+def raw_data(cfg=None):
     """The raw data folder (data.root), so a `dvc add`-ed dataset feeds prepare."""
-    root = VF["data"].get("root")
+    root = (cfg or VF)["data"].get("root")
     return {"raw": root} if root else {}
 
 
@@ -79,9 +92,18 @@ def sample_grid(strategy, what):
     )
 
 
-def all_targets():
+def run_targets(run):
+    """Every output of one run: each stage's files, then the run's summary."""
     out = []
-    for stage in STAGES:
-        outs = LAYOUT.outputs(stage, SAMPLE_LABEL)
+    for stage in run.stages:
+        outs = run.layout.outputs(stage, run.config["sampling"]["checkpoint"])
         out += outs["train"] + outs["evaluate"] + outs["sample"] + outs["curves"]
-    return out + [str(p) for p in LAYOUT.summary_files()]
+    return out + [str(p) for p in run.layout.summary_files()]
+
+
+def all_targets():
+    """Every run's outputs; a sweep's comparison too (rules/runs.smk)."""
+    out = [t for r in RUNS for t in run_targets(r)]
+    if SWEEP:
+        out += [str(p) for p in LAYOUT.compare_files(SWEEP).values()]
+    return out

@@ -18,6 +18,8 @@ from typing import Any, Iterable
 import jsonschema
 import yaml
 
+from vaeflow.layout import RESULTS, Layout, reserved_run_name
+
 # Stage keys not given by training.pipeline.defaults or the step itself.
 STEP_DEFAULTS: dict[str, Any] = {
     "train_vae": True,
@@ -220,6 +222,14 @@ def _check_semantics(config: dict, source: str | None) -> None:
                 source,
             )
         seen[name] = i
+    run = config.get("run")
+    if run is not None:
+        why = reserved_run_name(run)
+        if why:
+            raise ConfigError("run", why, source)
+        if run in seen:
+            raise ConfigError("run", f"{run!r} is also a stage name (training.pipeline.steps[{seen[run]}]): "
+                              f"results/{run}/ would hold both; name the run differently", source)
     for i, step in enumerate(resolve_steps(config)):
         where = f"training.pipeline.steps[{i}]"
         conflict = sorted(set(step["freeze"]) & set(step["unfreeze"]))
@@ -337,6 +347,19 @@ def stage_view(config: dict, stage: str) -> dict:
 
 def fingerprint(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def data_key(config: dict) -> str:
+    """What names a named run's prepared data (results/data-<key>/): the fingerprint of its
+    validated data section, so runs whose data sections are equal share one prepared copy."""
+    return fingerprint(config["data"])
+
+
+def run_layout(config: dict, root: str | Path = RESULTS) -> Layout:
+    """The paths of the run a validated config describes: results/ itself for the default run
+    (no `run` key), results/<run>/ with the shared results/data-<key>/ for a named run."""
+    run = config.get("run")
+    return Layout(root) if run is None else Layout(root, run=run, data_key=data_key(config))
 
 
 def load(paths: str | Path | list[str | Path]) -> dict:

@@ -4,6 +4,8 @@
 # second. Checks that need the model code (model options, LPIPS weights on disk) run at
 # the start of every stage command and in `vaeflow validate`.
 import json
+import re
+import shlex
 
 from snakemake.exceptions import WorkflowError
 
@@ -16,12 +18,13 @@ from vaeflow.sweep import snakemake_runs
 # The runs of this invocation (vaeflow.sweep): the config's own (the default run, or a named
 # one with `run:`), or every row of a sweep file, each validated before any job starts. Stage
 # commands read the config files themselves; --config overrides would not reach them.
-try:
-    SWEEP, RUNS = snakemake_runs(config, workflow.configfiles)  # one message naming the key path
+try:  # one message naming the key path (and the row)
+    SWEEP, RUNS = snakemake_runs(config, workflow.configfiles)
 except (vfconfig.ConfigError, ValueError) as exc:
     raise WorkflowError(str(exc))
 DEFAULT_RUN = next((r for r in RUNS if r.name is None), None)  # results/ itself
-NAMED = {r.name: r for r in RUNS if r.name is not None}  # results/<run>/ (rules/runs.smk)
+# results/<run>/ (rules/runs.smk)
+NAMED = {r.name: r for r in RUNS if r.name is not None}
 VF = (DEFAULT_RUN or RUNS[0]).config
 
 # The package's source (vaeflow.provenance): in every rule's params, so a code edit reruns.
@@ -107,3 +110,62 @@ def all_targets():
     if SWEEP:
         out += [str(p) for p in LAYOUT.compare_files(SWEEP).values()]
     return out
+
+
+# Named runs (rules/runs.smk): the paths of the {run} and {stage} wildcards, and the job's run.
+NAMED_LAYOUT = Layout(RESULTS, run="{run}")  # paths of the {run} and {stage} wildcards
+NSTAGE = NAMED_LAYOUT.stage("{stage}")
+NAMED_DATA = Layout(RESULTS, run="{run}", data_key="{key}")  # results/data-{key}/
+# one run per shared data folder
+DATA_RUN = {r.layout.data_key: r for r in NAMED.values()}
+NAMED_CONSTRAINTS = {
+    "run": "|".join(map(re.escape, NAMED)) or "(?!)",
+    "stage": "|".join(sorted({s for r in NAMED.values() for s in r.stages})) or "(?!)",
+}
+NAMED_NNODES = max(
+    [r.config["training"]["distributed"]["nnodes"] for r in NAMED.values()], default=1
+)
+
+
+def named_data_json(key):
+    """The data section of the named runs that share results/data-<key>/ (equal in all)."""
+    return json.dumps(DATA_RUN[key].config["data"], sort_keys=True)
+
+
+def named(wildcards):
+    return NAMED[wildcards.run]
+
+
+def named_data_files(wildcards):
+    return [str(p) for p in named(wildcards).layout.data_files()]
+
+
+def named_train_inputs(wildcards):
+    run = named(wildcards)
+    inputs = {"data": named_data_files(wildcards)}
+    prior = run.layout.prior_checkpoint(run.stages, wildcards.stage)
+    if prior is not None:
+        inputs["prior"] = str(prior)
+    return inputs
+
+
+def named_stage_params(wildcards):
+    cfg = named(wildcards).config
+    return vfconfig.fingerprint(vfconfig.stage_view(cfg, wildcards.stage))
+
+
+def named_section(*keys):
+    """A params function: these config sections of the job's run (a change reruns the job)."""
+    return lambda wildcards: json.dumps(
+        [named(wildcards).config[k] for k in keys], sort_keys=True
+    )
+
+
+def named_sample_grid(strategy, what):
+    return report(
+        str(NSTAGE.sample_file(strategy, "{label}")),
+        caption="../workflow/report/samples.rst",
+        category="Samples",
+        subcategory="{run}: {stage}",
+        labels={"run": "{run}", "stage": "{stage}", "grid": what},
+    )

@@ -2,63 +2,17 @@
 # results/<run>/ (vaeflow.layout); runs whose data sections are equal share one prepared
 # results/data-<key>/. Every run's jobs are ordinary jobs of one DAG (on SLURM too), so
 # several runs train at the same time. A sweep also gets its comparison (vaeflow compare).
-import re
-
 from vaeflow.trainer.slurm import train_job_resources
 
-NAMED_LAYOUT = Layout(RESULTS, run="{run}")  # paths of the {run} and {stage} wildcards
-NSTAGE = NAMED_LAYOUT.stage("{stage}")
-NAMED_DATA = Layout(RESULTS, run="{run}", data_key="{key}")  # results/data-{key}/
-DATA_RUN = {r.layout.data_key: r for r in NAMED.values()}  # one run per shared data folder
-NAMED_CONSTRAINTS = {
-    "run": "|".join(map(re.escape, NAMED)) or "(?!)",
-    "stage": "|".join(sorted({s for r in NAMED.values() for s in r.stages})) or "(?!)",
-}
-NAMED_NNODES = max(
-    [r.config["training"]["distributed"]["nnodes"] for r in NAMED.values()], default=1
-)
+if PREPARE_DOWNLOADS:
+
+    localrules:
+        prepare_run,
 
 
-def named(wildcards):
-    return NAMED[wildcards.run]
-
-
-def named_data_files(wildcards):
-    return [str(p) for p in named(wildcards).layout.data_files()]
-
-
-def named_train_inputs(wildcards):
-    run = named(wildcards)
-    inputs = {"data": named_data_files(wildcards)}
-    prior = run.layout.prior_checkpoint(run.stages, wildcards.stage)
-    if prior is not None:
-        inputs["prior"] = str(prior)
-    return inputs
-
-
-def named_stage_params(wildcards):
-    cfg = named(wildcards).config
-    return vfconfig.fingerprint(vfconfig.stage_view(cfg, wildcards.stage))
-
-
-def named_section(*keys):
-    """A params function: these config sections of the job's run (a change reruns the job)."""
-    return lambda wildcards: json.dumps(
-        [named(wildcards).config[k] for k in keys], sort_keys=True
-    )
-
-
-def named_sample_grid(strategy, what):
-    return report(
-        str(NSTAGE.sample_file(strategy, "{label}")),
-        caption="../workflow/report/samples.rst",
-        category="Samples",
-        subcategory="{run}: {stage}",
-        labels={"run": "{run}", "stage": "{stage}", "grid": what},
-    )
-
-
-use rule prepare as prepare_run with:
+# The copy of the prepared data that named runs with equal data sections share. Its command
+# gets the data section itself (not a run's config file), so dropping a run reruns nothing.
+rule prepare_run:
     input:
         unpack(lambda wildcards: raw_data(DATA_RUN[wildcards.key].config)),
     output:
@@ -70,11 +24,19 @@ use rule prepare as prepare_run with:
         str(NAMED_DATA.data_log()),
     benchmark:
         str(NAMED_DATA.data_benchmark())
-    params:
-        config=lambda wildcards: DATA_RUN[wildcards.key].args,
-        data=lambda wildcards: vfconfig.fingerprint(DATA_RUN[wildcards.key].config["data"]),
     wildcard_constraints:
         key="|".join(DATA_RUN) or "(?!)",
+    conda:
+        "../envs/vaeflow.yaml"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    params:
+        data=lambda wildcards: shlex.quote(named_data_json(wildcards.key)),
+        code=CODE,
+    shell:
+        f"python scripts/prepare.py --data {{params.data}} --results {RESULTS} > {{log}} 2>&1"
 
 
 use rule train as train_run with:
@@ -88,6 +50,8 @@ use rule train as train_run with:
         str(NAMED_LAYOUT.log("train", "{stage}")),
     benchmark:
         str(NAMED_LAYOUT.benchmark("train", "{stage}"))
+    wildcard_constraints:
+        **NAMED_CONSTRAINTS,
     threads: lambda wildcards: vfconfig.stage_cpu_threads(named(wildcards).config, wildcards.stage)
     # one node count for every run of an invocation (vaeflow.sweep.check_runs)
     resources:
@@ -98,8 +62,6 @@ use rule train as train_run with:
     params:
         config=lambda wildcards: named(wildcards).args,
         stage=named_stage_params,
-    wildcard_constraints:
-        **NAMED_CONSTRAINTS,
 
 
 use rule evaluate as evaluate_run with:
@@ -118,11 +80,11 @@ use rule evaluate as evaluate_run with:
         str(NAMED_LAYOUT.log("evaluate", "{stage}")),
     benchmark:
         str(NAMED_LAYOUT.benchmark("evaluate", "{stage}"))
+    wildcard_constraints:
+        **NAMED_CONSTRAINTS,
     params:
         config=lambda wildcards: named(wildcards).args,
         evaluation=named_section("seed", "evaluation"),
-    wildcard_constraints:
-        **NAMED_CONSTRAINTS,
 
 
 use rule sample as sample_run with:
@@ -141,12 +103,12 @@ use rule sample as sample_run with:
         str(NAMED_LAYOUT.log("sample", "{stage}_{label}")),
     benchmark:
         str(NAMED_LAYOUT.benchmark("sample", "{stage}_{label}"))
-    params:
-        config=lambda wildcards: named(wildcards).args,
-        sampling=named_section("seed", "sampling"),
     wildcard_constraints:
         **NAMED_CONSTRAINTS,
         label="best|last",
+    params:
+        config=lambda wildcards: named(wildcards).args,
+        sampling=named_section("seed", "sampling"),
 
 
 use rule curves as curves_run with:
@@ -166,10 +128,10 @@ use rule curves as curves_run with:
         str(NAMED_LAYOUT.log("curves", "{stage}")),
     benchmark:
         str(NAMED_LAYOUT.benchmark("curves", "{stage}"))
-    params:
-        run=lambda wildcards: f"--run {wildcards.run} ",
     wildcard_constraints:
         **NAMED_CONSTRAINTS,
+    params:
+        run=lambda wildcards: f"--run {wildcards.run} ",
 
 
 use rule summary as summary_run with:
@@ -198,10 +160,10 @@ use rule summary as summary_run with:
         str(NAMED_LAYOUT.log("summary")),
     benchmark:
         str(NAMED_LAYOUT.benchmark("summary"))
-    params:
-        config=lambda wildcards: named(wildcards).args,
     wildcard_constraints:
         run=NAMED_CONSTRAINTS["run"],
+    params:
+        config=lambda wildcards: named(wildcards).args,
 
 
 # A sweep's runs side by side: final metrics per stage, each run's config differences from
@@ -234,6 +196,8 @@ rule compare:
         ),
     log:
         str(LAYOUT.log("compare", "{sweep}")),
+    wildcard_constraints:
+        sweep=re.escape(SWEEP) if SWEEP else "(?!)",
     conda:
         "../envs/vaeflow.yaml"
     threads: 1
@@ -243,8 +207,6 @@ rule compare:
     params:
         code=CODE,
         runs=" ".join(r.name or "default" for r in RUNS),
-    wildcard_constraints:
-        sweep=re.escape(SWEEP) if SWEEP else "(?!)",
     shell:
         f"python scripts/compare.py --results {RESULTS} --name {{wildcards.sweep}} "
         "{params.runs} > {log} 2>&1"

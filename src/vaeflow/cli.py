@@ -42,6 +42,7 @@ def _load_config(args):
     from vaeflow import config as cfg
     from vaeflow.preflight import check_code_level
 
+    cfg.check_unread_params(args.config)
     config = cfg.load(args.config)
     check_code_level(config)
     return config
@@ -81,10 +82,18 @@ def cmd_prepare(args) -> int:
     # Schema checks only: prepare reads the data section, and the model-code checks
     # (vaeflow.preflight) would import torch, 2 s on the pipeline's critical path; every
     # later stage command runs them before it writes anything.
-    config = cfg.load(args.config)
-    manifest = prepare_dataset(config["data"], cfg.run_layout(config, args.results).data)
+    cfg.check_unread_params(args.config)  # a value `dvc exp run -S` put in ./params.yaml
+    if args.data is not None:  # named runs' shared copy: the data section alone decides it
+        import json
+
+        data = cfg.validate_section("data", json.loads(args.data), source="--data")
+        out = Layout(args.results, data_key=cfg.data_key({"data": data})).data
+    else:
+        config = cfg.load(args.config)
+        data, out = config["data"], cfg.run_layout(config, args.results).data
+    manifest = prepare_dataset(data, out)
     counts = manifest.get("counts", {})
-    print(f"prepared {config['data']['dataset']}: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
+    print(f"prepared {data['dataset']} into {out}: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
     return 0
 
 
@@ -196,9 +205,10 @@ def cmd_curves(args) -> int:
 
 
 def cmd_summary(args) -> int:
-    from vaeflow.config import load, run_layout, stage_names
+    from vaeflow.config import check_unread_params, load, run_layout, stage_names
     from vaeflow.report import iter_stage_metrics, to_markdown, write_summary
 
+    check_unread_params(args.config)
     config = load(args.config)  # no code-level check: this job reads JSON, it needs no torch
     stages = stage_names(config)
     layout = run_layout(config, args.results)
@@ -278,7 +288,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("validate", help="check a config and print the pipeline summary (stages, modes, optimizers)")
     sp.add_argument("config", nargs="+")
     sp.set_defaults(func=cmd_validate)
-    with_config(sub.add_parser("prepare", help=f"raw data -> {RESULTS}/{DATA}")).set_defaults(func=cmd_prepare)
+    sp = with_config(sub.add_parser("prepare", help=f"raw data -> {RESULTS}/{DATA} (a named run's: {RESULTS}/{DATA}-<key>)"))
+    sp.add_argument("--data", default=None, metavar="JSON", help=f"a data: section as JSON instead of --config: prepares "
+                    f"the copy that named runs with this data section share, {RESULTS}/{DATA}-<key>")
+    sp.set_defaults(func=cmd_prepare)
     sp = with_config(sub.add_parser("train", help="train one stage"))
     sp.add_argument("--stage", required=True)
     sp.add_argument("--rdzv-endpoint", default=None, metavar="HOST:PORT",

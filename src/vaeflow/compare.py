@@ -137,8 +137,10 @@ def _value(v) -> object:
 def compare_table(runs: list[RunRecord], diffs: list[str]) -> Table:
     """Long format: one row per run and stage."""
     flat = [flatten(r.config) for r in runs]
+    shown_anyway = ("lpips", "rfid")  # "n/a" says they were not computed (no weights on disk)
     metric_cols = [col for key, col, _ in METRICS
-                   if any(_get(m, key) is not None for r in runs for m in r.stages.values())]
+                   if any(_get(m, key) is not None or (col in shown_anyway and col in m)
+                          for r in runs for m in r.stages.values())]
     rows = []
     for run, f in zip(runs, flat):
         for stage, m in run.stages.items():
@@ -162,6 +164,8 @@ def best_rows(rows: list[dict], columns: list[str]) -> dict[str, set[int]]:
         if not better or len(values) < 2:
             continue
         best = (max if better == "max" else min)(v for _, v in values)
+        if all(v == best for _, v in values):
+            continue  # a tie everywhere: nothing to point at
         out[col] = {i for i, v in values if v == best}
     return out
 

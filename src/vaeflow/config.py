@@ -362,6 +362,40 @@ def run_layout(config: dict, root: str | Path = RESULTS) -> Layout:
     return Layout(root) if run is None else Layout(root, run=run, data_key=data_key(config))
 
 
+# The file `dvc exp run -S key=value` writes when no file is named. vaeflow never reads it; the
+# repository keeps it empty and dvc.yaml's prepare stage tracks it, so a value written there
+# reruns prepare, whose command refuses (check_unread_params) with the command that works.
+DVC_DEFAULT_PARAMS = "params.yaml"
+
+
+def _dotted_items(obj: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    if isinstance(obj, dict) and obj:
+        return [kv for k, v in obj.items() for kv in _dotted_items(v, f"{prefix}.{k}" if prefix else str(k))]
+    return [(prefix, obj)]
+
+
+def check_unread_params(config_paths: list[str | Path], cwd: str | Path = ".") -> None:
+    """Refuse to run while ./params.yaml holds values: vaeflow would silently ignore them."""
+    path = Path(cwd) / DVC_DEFAULT_PARAMS
+    if not path.is_file():
+        return
+    try:
+        values = safe_load(path.read_text())
+    except yaml.YAMLError:
+        values = "unparsable"
+    if not values:
+        return
+    target = str(config_paths[-1]) if config_paths else "config/config.yaml"
+    items = _dotted_items(values) if isinstance(values, dict) else [("<file>", values)]
+    sets = " ".join(f"-S '{target}:{k}={json.dumps(v) if not isinstance(v, str) else v}'" for k, v in items)
+    shown = ", ".join(f"{k}={v!r}" for k, v in items[:4])
+    raise ConfigError(
+        DVC_DEFAULT_PARAMS,
+        f"sets {shown}, but vaeflow reads {target}, never {DVC_DEFAULT_PARAMS} (dvc exp run -S without a file "
+        f"name writes there): `git checkout {DVC_DEFAULT_PARAMS}` and run `dvc exp run {sets}`",
+    )
+
+
 def load(paths: str | Path | list[str | Path]) -> dict:
     """Load one or more YAML files (later ones override earlier ones) and validate."""
     if isinstance(paths, (str, Path)):

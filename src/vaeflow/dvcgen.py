@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from vaeflow.config import ConfigError, load_yaml, logged_metrics, model_family, resolve_steps, stage_names
+from vaeflow.config import DVC_DEFAULT_PARAMS, ConfigError, load_yaml, logged_metrics, model_family, resolve_steps, stage_names
 from vaeflow.layout import RESULTS, Layout
 from vaeflow.provenance import CODE_DIR
 
@@ -113,4 +113,7 @@ def render_dvc_yaml(config: dict, config_paths: list[str] | str) -> str:
         st["params"] = [p for p in st.get("params", []) if next(iter(p.values()))]
         if not st["params"]:
             del st["params"]
+    # The whole of params.yaml (kept empty): a value `dvc exp run -S key=value` writes there
+    # reruns prepare, whose command refuses with the right -S (config.check_unread_params).
+    stages["prepare"].setdefault("params", []).append({DVC_DEFAULT_PARAMS: None})
     return HEADER.format(cfg=cfg_path) + yaml.safe_dump({"stages": stages, "plots": plots}, sort_keys=False, width=120)

@@ -175,3 +175,20 @@ def test_compare_names_the_winner_and_the_changed_keys(tmp_path):
         compare_runs(results, ["nope"])
     with pytest.raises(CompareError, match="--by 'active_units'"):
         compare_runs(results, by="active_units")
+
+
+def test_shared_prepare_writes_where_the_named_runs_read(tmp_path, monkeypatch):
+    """Snakemake's prepare_run passes the data section as JSON; the folder it writes is the one
+    every run with that data section reads (vaeflow.config.run_layout)."""
+    from vaeflow.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    cfg = vfconfig.validate({**tiny(), "run": "a"})
+    assert main(["prepare", "--data", json.dumps(cfg["data"]), "--results", "results"]) == 0
+    assert (tmp_path / vfconfig.run_layout(cfg).data / "manifest.json").is_file()
+    assert not (tmp_path / "results" / "data").exists()  # the default run's folder: untouched
+
+    (tmp_path / "params.yaml").write_text("seed: 3\n")  # what `dvc exp run -S +seed=3` leaves
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(tiny()))
+    assert main(["prepare", "--config", "c.yaml"]) == 2  # refused before anything is written
+    assert not (tmp_path / "results" / "data").exists()

@@ -58,6 +58,10 @@ def cmd_validate(args) -> int:
     print(f"  Total steps: {len(steps)}")
     print(f"  Total epochs: {sum(s['n_epochs'] for s in steps)}")
     print(f"  Model: {config['model']['type']}, data: {config['data']['dataset']} at {config['data']['image_size']}px")
+    from vaeflow.config import run_layout
+
+    layout = run_layout(config)
+    print(f"  Run: {config['run'] or 'default'} (outputs under {layout.run_dir}/, prepared data {layout.data}/)")
     for i, s in enumerate(steps, 1):
         modes = [m for m, on in (("VAE", s["train_vae"]), ("GAN", s["gan_training"]), ("LPIPS", s["use_lpips"])) if on]
         print(f"\nStep {i}: {s['name']} ({s['n_epochs']} epoch{'' if s['n_epochs'] == 1 else 's'})")

@@ -195,7 +195,7 @@ rule compare:
             labels={"table": "validation curves"},
         ),
     log:
-        str(LAYOUT.log("compare", "{sweep}")),
+        str(LAYOUT.compare_log("{sweep}")),
     wildcard_constraints:
         sweep=re.escape(SWEEP) if SWEEP else "(?!)",
     conda:

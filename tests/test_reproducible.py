@@ -289,8 +289,9 @@ def test_sweep_beside_the_default_run_touches_none_of_its_files(clones, tmp_path
     new = sorted(str(p.relative_to(results)) for p in set(after) - set(before))
     data = [n for n in new if n.startswith("data-")]
     assert len({n.split("/")[0] for n in data}) == 1  # one prepared copy for the three rows
-    assert all(n.split("/")[0] in ("beta-6", "beta-2", "beta0", "compare") or n.startswith("data-")
-               or re.match(r"(logs|benchmarks)/prepare_data-", n) for n in new), new
+    elsewhere = [n for n in new if not (n.split("/")[0] in ("beta-6", "beta-2", "beta0", "compare")
+                                        or n.startswith("data-") or re.match(r"(logs|benchmarks)/prepare_data-", n))]
+    assert not elsewhere, elsewhere  # a named run writes only its own folder (and the shared data)
     for name in ("beta-6", "beta-2", "beta0"):
         assert (results / name / "vae_warmup" / "best.pt").is_file() and (results / name / "summary.csv").is_file()
     assert planned_jobs(project, env) == {}  # the default run: still complete

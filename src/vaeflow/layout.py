@@ -18,7 +18,7 @@ with equal data sections share one prepared copy (the default run keeps results/
       <run>/<stage>/..., <run>/summary.*, <run>/logs/, <run>/benchmarks/
       <run>/config.yaml                                       a sweep row's resolved config
       data-<key>/                                             prepared data of named runs
-      compare/[<sweep>/]compare.csv|md|html, val_curves.png   vaeflow compare
+      compare/[<sweep>/]compare.csv|md|html, val_curves.png   vaeflow compare (compare.log: its Snakemake job)
 
 Standard library only: the Snakefile and dvcgen import it without torch. A stage name may
 be a Snakemake wildcard (`"{stage}"`); `str()` of a path is what rules and dvc.yaml list.
@@ -189,6 +189,10 @@ class Layout:
         """`vaeflow compare`'s outputs: results/compare/ (or results/compare/<name>/, a sweep's)."""
         out = self.root / COMPARE / (name or "")
         return {kind: out / file for kind, file in COMPARE_FILES.items()}
+
+    def compare_log(self, name: str | None = None) -> Path:
+        """The Snakemake compare job's log, beside its outputs."""
+        return self.root / COMPARE / (name or "") / f"{COMPARE}.log"
 
     def prior_checkpoint(self, stages: list[str], stage: str) -> Path | None:
         """The checkpoint a stage starts from: the previous stage's best.pt (None for the first)."""

@@ -300,7 +300,7 @@ def test_sweep_beside_the_default_run_touches_none_of_its_files(clones, tmp_path
 
     table = (results / "compare" / "beta" / "compare.md").read_text()
     assert "Winner by psnr (higher is better) on each run's final stage: **beta-6**" in table  # least KL pressure
-    assert "`training.pipeline.steps.0.kl_beta`" in table and "| beta0 | vae_warmup | 1.0 |" in table
+    assert "`training.pipeline.steps.0.kl_beta`" in table and "| beta0 | vae_warmup | 1 |" in table
     shown = run(["vaeflow", "compare", "beta0", "beta-6"], project, **env).stdout  # any runs, any order
     assert "**beta-6**" in shown and (results / "compare" / "val_curves.png").stat().st_size > 0
 

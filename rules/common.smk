@@ -54,7 +54,7 @@ PREPARE_DOWNLOADS = any(
 
 # Evaluation, sampling and plots of a finished stage run beside the next stage's training
 # (the critical path) on a machine with few cores: at a lower CPU priority they take the
-# cores it leaves idle instead of slowing it (README, Performance). Numbers do not change.
+# cores it leaves idle instead of slowing it (docs/internals.md, "Processes and threads"). Numbers do not change.
 BESIDE_TRAINING = "nice -n 19"
 
 # Outputs restored by `dvc pull` get DAG-ordered mtimes, so they count as current.
@@ -169,3 +169,36 @@ def named_sample_grid(strategy, what):
         subcategory="{run}: {stage}",
         labels={"run": "{run}", "stage": "{stage}", "grid": what},
     )
+
+
+def evaluate_runtime(wildcards, attempt):
+    """The evaluate rule's SLURM minutes from the test split's size: Snakemake evaluates this
+    again when the job is submitted, after prepare wrote the manifest; a retry gets more.
+    """
+    from vaeflow.trainer.slurm import evaluate_job_resources
+
+    return evaluate_job_resources(VF, DATA_FILES[0], attempt)["runtime"]
+
+
+def evaluate_gpu():
+    """`gres: gpu:1` for the evaluate rule when evaluation.device is cuda, else nothing."""
+    from vaeflow.trainer.slurm import evaluate_job_resources
+
+    return {k: v for k, v in evaluate_job_resources(VF).items() if k != "runtime"}
+
+
+def named_evaluate_runtime(wildcards, attempt):
+    """evaluate_runtime for a named run's evaluate job: its own config and prepared data."""
+    from vaeflow.trainer.slurm import evaluate_job_resources
+
+    run = named(wildcards)
+    manifest = str(run.layout.data_files()[0])
+    return evaluate_job_resources(run.config, manifest, attempt)["runtime"]
+
+
+def named_evaluate_gpu():
+    """`gres: gpu:1` for named runs' evaluate jobs when any of them evaluates on cuda."""
+    from vaeflow.trainer.slurm import evaluate_job_resources
+
+    res = [evaluate_job_resources(r.config) for r in NAMED.values()]
+    return {k: v for r in res for k, v in r.items() if k != "runtime"}

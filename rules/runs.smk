@@ -82,6 +82,10 @@ use rule evaluate as evaluate_run with:
         str(NAMED_LAYOUT.benchmark("evaluate", "{stage}"))
     wildcard_constraints:
         **NAMED_CONSTRAINTS,
+    resources:
+        **named_evaluate_gpu(),
+        mem_mb=3500,
+        runtime=named_evaluate_runtime,
     params:
         config=lambda wildcards: named(wildcards).args,
         evaluation=named_section("seed", "evaluation"),

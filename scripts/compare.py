@@ -1,6 +1,8 @@
-"""Entry point of the Snakemake compare rule: `vaeflow compare`."""
+"""Stage entry point run by Snakemake (rules/runs.smk, a sweep's comparison): `vaeflow compare`."""
 
 import sys
+
+import _checkout  # noqa: F401  this checkout's src/ first: its code is the code that runs
 
 from vaeflow.cli import run
 

@@ -24,8 +24,9 @@ rule curves:
         runtime=10,
     params:
         code=CODE,
+        run="",  # a named run's: --run NAME (rules/runs.smk)
     shell:
-        f"{BESIDE_TRAINING} python scripts/curves.py --results {RESULTS} "
+        f"{BESIDE_TRAINING} python scripts/curves.py --results {RESULTS} {{params.run}}"
         "--stage {wildcards.stage} > {log} 2>&1"
 
 

@@ -66,6 +66,7 @@ LONGEST_FIRST = [
     "tests/test_nonfinite_e2e.py",  # 53 s
     "tests/test_distributed.py",  # 43 s
     "tests/test_schema_keys.py",  # 37 s
+    "tests/test_sweep_plan.py",  # 35 s (six `snakemake -n` of named runs and sweeps)
     "tests/test_bench_autoencoder_kl.py",  # 30 s
     "tests/evaluation/test_rfid.py",  # 28 s
     "tests/test_trainer_modes.py",  # 24 s

@@ -44,6 +44,7 @@ def make_project(dest: Path, config: Path = TINY) -> Path:
     shutil.copy(config, dest / "config" / "config.yaml")
     shutil.copy(REPO / ".gitignore", dest / ".gitignore")
     shutil.copy(REPO / ".dvcignore", dest / ".dvcignore")
+    shutil.copy(REPO / "params.yaml", dest / "params.yaml")  # kept empty: dvc exp run -S key=v fails loudly
     return dest
 
 

@@ -265,3 +265,77 @@ def test_docs_edit_reruns_nothing_code_edit_reruns_in_both_runners(clones):
     assert "up to date" in run(["dvc", "status"], d, **denv).stdout.lower()
     plan = run(["snakemake", "-n", "--cores", "1"], s, **senv)
     assert "Nothing to be done" in plan.stdout + plan.stderr, plan.stdout
+
+
+def test_sweep_beside_the_default_run_touches_none_of_its_files(clones, tmp_path):
+    """On a copy of the Snakemake clone, whose default run is done: a 3-row sweep of named runs
+    in one `snakemake` call (one-stage rows, the comparison as target), then `vaeflow compare`."""
+    project = tmp_path / "sweep"
+    shutil.copytree(clones["smk"][0], project, symlinks=True)
+    env = {"PYTHONPATH": str(project / "src")}
+    results = project / "results"
+    before = {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in results.rglob("*") if p.is_file()}
+    cfg = yaml.safe_load((project / "config" / "config.yaml").read_text())
+    cfg["training"]["pipeline"]["steps"] = cfg["training"]["pipeline"]["steps"][:1]  # one stage: a cheap sweep
+    (project / "config" / "one_stage.yaml").write_text(yaml.safe_dump(cfg))
+    rows = [{"run": name, "training.pipeline.steps.0.kl_beta": beta}
+            for name, beta in (("beta-6", 1e-6), ("beta-2", 1e-2), ("beta0", 1.0))]
+    (project / "sweep.yaml").write_text(yaml.safe_dump({"sweep": {"name": "beta", "base": "config/one_stage.yaml", "runs": rows}}))
+    target = "results/compare/beta/compare.md"
+    run(["snakemake", "--cores", "2", target, "--configfile", "sweep.yaml"], project, **env)
+
+    after = {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in results.rglob("*") if p.is_file()}
+    assert {p: after[p] for p in before} == before  # the default run's files: untouched
+    new = sorted(str(p.relative_to(results)) for p in set(after) - set(before))
+    data = [n for n in new if n.startswith("data-")]
+    assert len({n.split("/")[0] for n in data}) == 1  # one prepared copy for the three rows
+    elsewhere = [n for n in new if not (n.split("/")[0] in ("beta-6", "beta-2", "beta0", "compare")
+                                        or n.startswith("data-") or re.match(r"(logs|benchmarks)/prepare_data-", n))]
+    assert not elsewhere, elsewhere  # a named run writes only its own folder (and the shared data)
+    for name in ("beta-6", "beta-2", "beta0"):
+        assert (results / name / "vae_warmup" / "best.pt").is_file() and (results / name / "summary.csv").is_file()
+    assert planned_jobs(project, env) == {}  # the default run: still complete
+    res = run(["snakemake", "-n", "--cores", "1", target, "--configfile", "sweep.yaml"], project, **env)
+    assert "Nothing to be done" in res.stdout + res.stderr  # the sweep too
+
+    table = (results / "compare" / "beta" / "compare.md").read_text()
+    assert "Winner by psnr (higher is better) on each run's final stage: **beta-6**" in table  # least KL pressure
+    assert "`training.pipeline.steps.0.kl_beta`" in table and "| beta0 | vae_warmup | 1 |" in table
+    shown = run(["vaeflow", "compare", "beta0", "beta-6"], project, **env).stdout  # any runs, any order
+    assert "**beta-6**" in shown and (results / "compare" / "val_curves.png").stat().st_size > 0
+
+
+def test_dvc_short_set_param_fails_loudly_and_a_queued_sweep_shows_in_exp_show(clones, tmp_path):
+    """On a copy of the reproduced DVC clone: `-S seed=3` refused; three `-S` variants queued,
+    run two at a time, listed by `dvc exp show` beside their test metrics."""
+    project = tmp_path / "exps"
+    shutil.copytree(clones["dvc"][0], project, symlinks=True)
+    env = {"PYTHONPATH": str(project / "src")}
+    run("git config user.email t@t && git config user.name t && git add -A && git commit -qm baseline", project)
+
+    res = run(["dvc", "exp", "run", "-S", "seed=3"], project, check=False, **env)
+    assert res.returncode != 0 and "seed" in res.stderr  # DVC: not a key of the (empty) params.yaml
+    res = run(["dvc", "exp", "run", "-S", "+seed=3"], project, check=False, **env)
+    assert res.returncode != 0
+    assert "run `dvc exp run -S 'config/config.yaml:seed=3'`" in res.stdout + res.stderr
+    run(["git", "checkout", "--", "params.yaml"], project)
+
+    for k in (4, 8, 32):  # evaluation only: each experiment reruns evaluate and summary
+        run(["dvc", "exp", "run", "--queue", "-S", f"config/config.yaml:evaluation.iw_samples={k}"], project, **env)
+    run(["dvc", "queue", "start", "-j", "2"], project, **env)
+    deadline = time.monotonic() + 900
+    while re.search(r"\b(Queued|Running)\b", status := run(["dvc", "queue", "status"], project, **env).stdout):
+        assert time.monotonic() < deadline, status
+        time.sleep(2)
+    assert status.count("Success") == 3, status
+    keep = r"Experiment|evaluation\.iw_samples|results/vae_gan/eval/metrics\.json:(psnr|ssim|nll\.iw_nll_bpd)$"
+    shown = run(["dvc", "exp", "show", "--no-pager", "--csv", "--drop", ".*", "--keep", keep], project, **env).stdout
+    import csv
+    import io
+
+    rows = [r for r in csv.DictReader(io.StringIO(shown)) if r["Experiment"]]
+    assert len(rows) == 3, shown
+    assert sorted(int(r["evaluation.iw_samples"]) for r in rows) == [4, 8, 32]
+    psnr, nll = "results/vae_gan/eval/metrics.json:psnr", "results/vae_gan/eval/metrics.json:nll.iw_nll_bpd"
+    assert all(float(r[psnr]) > 0 and float(r["results/vae_gan/eval/metrics.json:ssim"]) > 0 for r in rows)
+    assert len({r[nll] for r in rows}) == 3  # k changes the IW-NLL estimate: each row its own result

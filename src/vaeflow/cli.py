@@ -63,6 +63,7 @@ _ONE_LINE_ERRORS = {
     "vaeflow.trainer.guard": "NonFiniteError",
     "vaeflow.collectives": "CollectiveError",
     "vaeflow.trainer.slurm": "LaunchError",
+    "vaeflow.compare": "CompareError",
 }
 
 
@@ -79,6 +80,7 @@ def _load_config(args):
     from vaeflow import config as cfg
     from vaeflow.preflight import check_code_level
 
+    cfg.check_unread_params(args.config)
     config = cfg.load(args.config)
     check_code_level(config)
     return config
@@ -96,6 +98,10 @@ def cmd_validate(args) -> int:
     print(f"  Total steps: {len(steps)}")
     print(f"  Total epochs: {sum(s['n_epochs'] for s in steps)}")
     print(f"  Model: {config['model']['type']}, data: {config['data']['dataset']} at {config['data']['image_size']}px")
+    from vaeflow.config import run_layout
+
+    layout = run_layout(config)
+    print(f"  Run: {config['run'] or 'default'} (outputs under {layout.run_dir}/, prepared data {layout.data}/)")
     for i, s in enumerate(steps, 1):
         modes = [m for m, on in (("VAE", s["train_vae"]), ("GAN", s["gan_training"]), ("LPIPS", s["use_lpips"])) if on]
         print(f"\nStep {i}: {s['name']} ({s['n_epochs']} epoch{'' if s['n_epochs'] == 1 else 's'})")
@@ -120,10 +126,18 @@ def cmd_prepare(args) -> int:
     # Schema checks only: prepare reads the data section, and the model-code checks
     # (vaeflow.preflight) would import torch, 2 s on the pipeline's critical path; every
     # later stage command runs them before it writes anything.
-    config = cfg.load(args.config)
-    manifest = prepare_dataset(config["data"], Layout(args.results).data)
+    cfg.check_unread_params(args.config)  # a value `dvc exp run -S` put in ./params.yaml
+    if args.data is not None:  # named runs' shared copy: the data section alone decides it
+        import json
+
+        data = cfg.validate_section("data", json.loads(args.data), source="--data")
+        out = Layout(args.results, data_key=cfg.data_key({"data": data})).data
+    else:
+        config = cfg.load(args.config)
+        data, out = config["data"], cfg.run_layout(config, args.results).data
+    manifest = prepare_dataset(data, out)
     counts = manifest.get("counts", {})
-    print(f"prepared {config['data']['dataset']}: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
+    print(f"prepared {data['dataset']} into {out}: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
     return 0
 
 
@@ -177,7 +191,7 @@ def _eval_device(config: dict | None):
 
 
 def cmd_evaluate(args) -> int:
-    from vaeflow.config import stage_index
+    from vaeflow.config import run_layout, stage_index
     from vaeflow.evaluate import evaluate_checkpoint, summary_line, write_metrics
 
     config = _load_config(args)
@@ -186,7 +200,7 @@ def cmd_evaluate(args) -> int:
     device = _eval_device(config)
     from vaeflow.data import check_prepared
 
-    layout = Layout(args.results)
+    layout = run_layout(config, args.results)
     check_prepared(config["data"], layout.data)
     ecfg = config["evaluation"]
     stage = layout.stage(args.stage)
@@ -203,7 +217,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_sample(args) -> int:
-    from vaeflow.config import schema_defaults
+    from vaeflow.config import run_layout, schema_defaults
     from vaeflow.sample import check_square, sample_run
 
     if args.samples is not None:
@@ -213,17 +227,19 @@ def cmd_sample(args) -> int:
         if args.stage is not None:
             _check_stage(config, args)
         scfg, seed = config["sampling"], config["seed"]
+        layout = run_layout(config, args.results)
     else:
         scfg, seed = schema_defaults("sampling"), schema_defaults("seed")
+        layout = Layout(args.results, run=args.run)
     samples = args.samples or scfg["samples"]
     checkpoint = args.checkpoint or scfg["checkpoint"]
     stage = args.stage
     if stage is None:
         from vaeflow.sample import latest_run
 
-        stage = latest_run(args.results)
+        stage = latest_run(layout.run_dir)
         print(f"--stage not given: using the most recently updated stage, {stage}")
-    sample_run(args.results, stage, checkpoint, samples, data_dir=args.data_dir, seed=seed,
+    sample_run(layout.run_dir, stage, checkpoint, samples, data_dir=args.data_dir or layout.data, seed=seed,
                sampling_cfg=scfg, log=print, device=_eval_device(config if args.config else None))
     return 0
 
@@ -231,22 +247,33 @@ def cmd_sample(args) -> int:
 def cmd_curves(args) -> int:
     from vaeflow.report import stage_curves
 
-    for path in stage_curves(args.results, args.stage):
+    for path in stage_curves(Layout(args.results, run=args.run).run_dir, args.stage):
         print(path)
     return 0
 
 
 def cmd_summary(args) -> int:
-    from vaeflow.config import load, stage_names
+    from vaeflow.config import check_unread_params, load, run_layout, stage_names
     from vaeflow.report import iter_stage_metrics, to_markdown, write_summary
 
+    check_unread_params(args.config)
     config = load(args.config)  # no code-level check: this job reads JSON, it needs no torch
     stages = stage_names(config)
-    metrics = iter_stage_metrics(args.results, stages)
+    layout = run_layout(config, args.results)
+    metrics = iter_stage_metrics(layout.run_dir, stages)
     missing = [s for s in stages if s not in metrics]
     if missing:
-        raise FileNotFoundError(f"no {EVAL_METRICS} for stage(s) {', '.join(missing)} under {args.results}: run evaluate first")
-    print(to_markdown(write_summary(metrics, *Layout(args.results).summary_files())), end="")
+        raise FileNotFoundError(f"no {EVAL_METRICS} for stage(s) {', '.join(missing)} under {layout.run_dir}: run evaluate first")
+    print(to_markdown(write_summary(metrics, *layout.summary_files())), end="")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from vaeflow.compare import compare_runs
+
+    text, files = compare_runs(args.results, args.runs, name=args.name, by=args.by)
+    print(text, end="")
+    print("wrote " + ", ".join(str(p) for p in files.values()))
     return 0
 
 
@@ -318,7 +345,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--config", nargs="+", default=None,
                     help="config file(s); later files override earlier ones (default: config/config.yaml)")
     sp.set_defaults(func=cmd_validate)
-    with_config(sub.add_parser("prepare", help=f"raw data -> {RESULTS}/{DATA}")).set_defaults(func=cmd_prepare)
+    sp = with_config(sub.add_parser("prepare", help=f"raw data -> {RESULTS}/{DATA} (a named run's: {RESULTS}/{DATA}-<key>)"))
+    sp.add_argument("--data", default=None, metavar="JSON", help=f"a data: section as JSON instead of --config: prepares "
+                    f"the copy that named runs with this data section share, {RESULTS}/{DATA}-<key>")
+    sp.set_defaults(func=cmd_prepare)
     sp = with_config(sub.add_parser("train", help="train one stage"))
     sp.add_argument("--stage", required=True, help=stage_help)
     sp.add_argument("--rdzv-endpoint", default=None, metavar="HOST:PORT",
@@ -337,15 +367,25 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--checkpoint", choices=["best", "last", "both"], default=None,
                     help="which checkpoint(s) of the stage (default: sampling.checkpoint, best)")
     sp.add_argument("--samples", type=int, default=None, help="grid size, a perfect square (default: sampling.samples, 64)")
-    sp.add_argument("--data-dir", default=None, help=f"prepared data (default: <results>/{DATA})")
+    sp.add_argument("--data-dir", default=None, help=f"prepared data (default: the run's, <results>/{DATA} for the default run)")
+    sp.add_argument("--run", default=None, help="without --config: a named run's folder under --results (with --config: its `run` key)")
     sp.set_defaults(func=cmd_sample)
     # curves reads only <results>/<stage>/metrics.jsonl: no --config
     sp = with_config(sub.add_parser("curves", help="loss-curve PNG and CSVs of one stage from its metrics.jsonl"),
                      config=False)
     sp.add_argument("--stage", required=True, help="the stage whose <results>/<stage>/metrics.jsonl is plotted")
+    sp.add_argument("--run", default=None, help="a named run: its stage under <results>/<run>/ (default: the default run)")
     sp.set_defaults(func=cmd_curves)
     summary_help = f"{RESULTS}/{{{','.join(SUMMARY_FILES)}}} across stages"
     with_config(sub.add_parser("summary", help=summary_help)).set_defaults(func=cmd_summary)
+    sp = sub.add_parser("compare", help="runs side by side: final metrics per stage, config differences, "
+                        "validation curves (results/compare/)")
+    sp.add_argument("runs", nargs="*", metavar="RUN", help="run names (default: every run under --results; "
+                    "'default' is the run without a `run` key)")
+    sp.add_argument("--results", default=RESULTS, help=f"results directory (default: {RESULTS})")
+    sp.add_argument("--name", default=None, help="write under <results>/compare/<name>/ (a sweep's name)")
+    sp.add_argument("--by", default="psnr", help="the metric that names the winner (default: psnr)")
+    sp.set_defaults(func=cmd_compare)
     # dvc.yaml's stages always write under results/ (vaeflow.layout): no --results here
     sp = with_config(sub.add_parser("dvc-yaml", help="write dvc.yaml from the config"), results=False)
     sp.add_argument("--out", default="dvc.yaml", help="file to write (default: dvc.yaml)")

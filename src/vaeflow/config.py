@@ -18,6 +18,8 @@ from typing import Any, Iterable
 import jsonschema
 import yaml
 
+from vaeflow.layout import RESULTS, Layout, reserved_run_name
+
 # Stage keys not given by training.pipeline.defaults or the step itself.
 STEP_DEFAULTS: dict[str, Any] = {
     "train_vae": True,
@@ -225,6 +227,14 @@ def _check_semantics(config: dict, source: str | None) -> None:
                 source,
             )
         seen[name] = i
+    run = config.get("run")
+    if run is not None:
+        why = reserved_run_name(run)
+        if why:
+            raise ConfigError("run", why, source)
+        if run in seen:
+            raise ConfigError("run", f"{run!r} is also a stage name (training.pipeline.steps[{seen[run]}]): "
+                              f"results/{run}/ would hold both; name the run differently", source)
     for i, step in enumerate(resolve_steps(config)):
         where = f"training.pipeline.steps[{i}]"
         conflict = sorted(set(step["freeze"]) & set(step["unfreeze"]))
@@ -343,6 +353,53 @@ def stage_view(config: dict, stage: str) -> dict:
 
 def fingerprint(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def data_key(config: dict) -> str:
+    """What names a named run's prepared data (results/data-<key>/): the fingerprint of its
+    validated data section, so runs whose data sections are equal share one prepared copy."""
+    return fingerprint(config["data"])
+
+
+def run_layout(config: dict, root: str | Path = RESULTS) -> Layout:
+    """The paths of the run a validated config describes: results/ itself for the default run
+    (no `run` key), results/<run>/ with the shared results/data-<key>/ for a named run."""
+    run = config.get("run")
+    return Layout(root) if run is None else Layout(root, run=run, data_key=data_key(config))
+
+
+# The file `dvc exp run -S key=value` writes when no file is named. vaeflow never reads it; the
+# repository keeps it empty and dvc.yaml's prepare stage tracks it, so a value written there
+# reruns prepare, whose command refuses (check_unread_params) with the command that works.
+DVC_DEFAULT_PARAMS = "params.yaml"
+
+
+def _dotted_items(obj: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    if isinstance(obj, dict) and obj:
+        return [kv for k, v in obj.items() for kv in _dotted_items(v, f"{prefix}.{k}" if prefix else str(k))]
+    return [(prefix, obj)]
+
+
+def check_unread_params(config_paths: list[str | Path], cwd: str | Path = ".") -> None:
+    """Refuse to run while ./params.yaml holds values: vaeflow would silently ignore them."""
+    path = Path(cwd) / DVC_DEFAULT_PARAMS
+    if not path.is_file():
+        return
+    try:
+        values = safe_load(path.read_text())
+    except yaml.YAMLError:
+        values = "unparsable"
+    if not values:
+        return
+    target = str(config_paths[-1]) if config_paths else "config/config.yaml"
+    items = _dotted_items(values) if isinstance(values, dict) else [("<file>", values)]
+    sets = " ".join(f"-S '{target}:{k}={json.dumps(v) if not isinstance(v, str) else v}'" for k, v in items)
+    shown = ", ".join(f"{k}={v!r}" for k, v in items[:4])
+    raise ConfigError(
+        DVC_DEFAULT_PARAMS,
+        f"sets {shown}, but vaeflow reads {target}, never {DVC_DEFAULT_PARAMS} (dvc exp run -S without a file "
+        f"name writes there): `git checkout {DVC_DEFAULT_PARAMS}` and run `dvc exp run {sets}`",
+    )
 
 
 def load(paths: str | Path | list[str | Path]) -> dict:

@@ -11,13 +11,12 @@ from pathlib import Path
 
 import yaml
 
-from vaeflow.config import ConfigError, load_yaml, logged_metrics, model_family, resolve_steps, stage_names
-from vaeflow.layout import RESULTS, Layout
+from vaeflow.config import (DVC_DEFAULT_PARAMS, ConfigError, load_yaml, logged_metrics, model_family, resolve_steps,
+                            run_layout, stage_names)
+from vaeflow.layout import RESULTS
 from vaeflow.provenance import CODE_DIR
 
 HEADER = "# Generated from the config by `vaeflow dvc-yaml --config {cfg}`: do not edit by hand.\n"
-LAYOUT = Layout(RESULTS)
-DATA_FILES = [str(p) for p in LAYOUT.data_files()]
 
 
 def _present(raw: dict, keys: list[str]) -> list[str]:
@@ -56,6 +55,9 @@ def render_dvc_yaml(config: dict, config_paths: list[str] | str) -> str:
     cfg_path = str(config_paths[0])
     raw = load_yaml(cfg_path)
     run = f"--config {cfg_path} --results {RESULTS}"
+    LAYOUT = run_layout(config, RESULTS)  # results/, or results/<run>/ for a config with `run:`
+    DATA_FILES = [str(p) for p in LAYOUT.data_files()]
+    run_arg = f" --run {config['run']}" if config.get("run") else ""
     training_globals = [f"training.{k}" for k in (raw.get("training") or {}) if k != "pipeline"]
     shared = ["seed", "data", "model", "discriminator", *training_globals, "training.pipeline.defaults"]
 
@@ -98,7 +100,7 @@ def render_dvc_yaml(config: dict, config_paths: list[str] | str) -> str:
             "outs": outs["sample"],
         }
         stages[f"curves_{name}"] = {
-            "cmd": f"python scripts/curves.py --results {RESULTS} --stage {name}",
+            "cmd": f"python scripts/curves.py --results {RESULTS}{run_arg} --stage {name}",
             "deps": ["scripts/curves.py", str(LAYOUT.stage(name).metrics_log)],
             "outs": outs["curves"],
         }
@@ -113,4 +115,7 @@ def render_dvc_yaml(config: dict, config_paths: list[str] | str) -> str:
         st["params"] = [p for p in st.get("params", []) if next(iter(p.values()))]
         if not st["params"]:
             del st["params"]
+    # The whole of params.yaml (kept empty): a value `dvc exp run -S key=value` writes there
+    # reruns prepare, whose command refuses with the right -S (config.check_unread_params).
+    stages["prepare"].setdefault("params", []).append({DVC_DEFAULT_PARAMS: None})
     return HEADER.format(cfg=cfg_path) + yaml.safe_dump({"stages": stages, "plots": plots}, sort_keys=False, width=120)

@@ -12,6 +12,15 @@
       summary.csv, summary.md, summary.html                   summary
       logs/<rule>[_<stage>].log, benchmarks/<rule>[_<stage>].tsv   Snakemake's job logs and benchmarks
 
+A named run (config key `run`) keeps all of the above except data/ under results/<run>/; its
+prepared data is results/data-<key>/, <key> the fingerprint of its data section, so named runs
+with equal data sections share one prepared copy (the default run keeps results/data/):
+
+      <run>/<stage>/..., <run>/summary.*, <run>/logs/, <run>/benchmarks/
+      <run>/config.yaml                                       a sweep row's resolved config
+      data-<key>/                                             prepared data of named runs
+      compare/[<sweep>/]compare.csv|md|html, val_curves.png   vaeflow compare (compare.log: its Snakemake job)
+
 Standard library only: the Snakefile and dvcgen import it without torch. A stage name may
 be a Snakemake wildcard (`"{stage}"`); `str()` of a path is what rules and dvc.yaml list.
 """
@@ -57,6 +66,21 @@ CURVE_FILES = {"png": "loss_curves.png", "train": "train.csv", "val": "val.csv"}
 SUMMARY_FILES = ("summary.csv", "summary.md", "summary.html")
 LOGS = "logs"
 BENCHMARKS = "benchmarks"
+RUN_CONFIG = "config.yaml"  # a sweep row's resolved config, in its run directory
+COMPARE = "compare"
+COMPARE_FILES = {"csv": "compare.csv", "md": "compare.md", "html": "compare.html", "png": "val_curves.png"}
+DEFAULT_RUN = "default"  # how tables name the run without a `run` key (results/ itself)
+# Names a run may not take: they are files and folders of results/ itself (a stage name of the
+# run's own config is refused too, see vaeflow.config). "data-*" is the named runs' data.
+RESERVED_RUN_NAMES = frozenset({DATA, LOGS, BENCHMARKS, COMPARE, DEFAULT_RUN, RUN_CONFIG, *SUMMARY_FILES})
+RESERVED_RUN_PREFIX = f"{DATA}-"
+
+
+def reserved_run_name(name: str) -> str | None:
+    """Why `name` cannot name a run (None when it can)."""
+    if name in RESERVED_RUN_NAMES or name.startswith(RESERVED_RUN_PREFIX) or name.startswith("."):
+        return f"{name!r} is reserved (results/ holds {', '.join(sorted(RESERVED_RUN_NAMES))} and {RESERVED_RUN_PREFIX}*)"
+    return None
 
 
 class StageLayout:
@@ -126,29 +150,56 @@ class StageLayout:
 
 
 class Layout:
-    """A results directory."""
+    """A results directory, for the default run (run=None: results/ itself) or a named run
+    (results/<run>/). `data_key` (named runs: vaeflow.config.data_key) picks the shared
+    prepared-data folder results/data-<key>/; without it the data is results/data/.
+    `vaeflow.config.run_layout(config)` builds the one a config describes."""
 
-    def __init__(self, root: str | Path = RESULTS):
+    def __init__(self, root: str | Path = RESULTS, run: str | None = None, data_key: str | None = None):
         self.root = Path(root)
+        self.run = run
+        self.run_dir = self.root / run if run else self.root
+        self.data_key = data_key
 
     def stage(self, name: str) -> StageLayout:
-        return StageLayout(self.root, name)
+        return StageLayout(self.run_dir, name)
 
     @property
     def data(self) -> Path:
-        return self.root / DATA
+        return self.root / (DATA if self.data_key is None else f"{RESERVED_RUN_PREFIX}{self.data_key}")
 
     def data_files(self) -> list[Path]:
         return [self.data / name for name in DATA_FILES]
 
     def summary_files(self) -> list[Path]:
-        return [self.root / name for name in SUMMARY_FILES]
+        return [self.run_dir / name for name in SUMMARY_FILES]
+
+    @property
+    def run_config(self) -> Path:
+        return self.run_dir / RUN_CONFIG
 
     def log(self, rule: str, stage: str | None = None) -> Path:
-        return self.root / LOGS / f"{rule}{'_' + stage if stage else ''}.log"
+        return self.run_dir / LOGS / f"{rule}{'_' + stage if stage else ''}.log"
 
     def benchmark(self, rule: str, stage: str | None = None) -> Path:
-        return self.root / BENCHMARKS / f"{rule}{'_' + stage if stage else ''}.tsv"
+        return self.run_dir / BENCHMARKS / f"{rule}{'_' + stage if stage else ''}.tsv"
+
+    def data_log(self, rule: str = "prepare") -> Path:
+        """The prepare job's log: results/logs/prepare.log (default run), else
+        results/logs/prepare_data-<key>.log (shared by the runs that share the data)."""
+        return self.root / LOGS / f"{rule}{'' if self.data_key is None else '_' + self.data.name}.log"
+
+    def data_benchmark(self, rule: str = "prepare") -> Path:
+        return self.root / BENCHMARKS / f"{rule}{'' if self.data_key is None else '_' + self.data.name}.tsv"
+
+    def compare_files(self, name: str | None = None) -> dict[str, Path]:
+        """`vaeflow compare`'s outputs: results/compare/ (or results/compare/<name>/, a sweep's)."""
+        out = self.root / COMPARE / (name or "")
+        return {kind: out / file for kind, file in COMPARE_FILES.items()}
+
+    def compare_log(self, name: str | None = None) -> Path:
+        """The Snakemake compare job's log, beside its outputs."""
+        return self.root / COMPARE / (name or "") / f"{COMPARE}.log"
 
     def prior_checkpoint(self, stages: list[str], stage: str) -> Path | None:
         """The checkpoint a stage starts from: the previous stage's best.pt (None for the first)."""

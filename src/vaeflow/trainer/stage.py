@@ -12,9 +12,8 @@ import time
 import torch
 
 from vaeflow import checkpoint as ckpt
-from vaeflow.config import (fingerprint, logged_metrics, model_family, resolve_steps, stage_index, stage_names,
+from vaeflow.config import (fingerprint, run_layout, logged_metrics, model_family, resolve_steps, stage_index, stage_names,
                             stage_view)
-from vaeflow.layout import Layout
 from vaeflow.metrics import to_model_range
 from vaeflow.trainer import faults, recovery, rng
 from vaeflow.trainer import state as train_state
@@ -54,7 +53,7 @@ class StageTrainer:
         if len(self.train_data) == 0 or len(self.val_data) == 0:
             raise ValueError(f"stage {stage}: the train and validation splits must not be empty")
 
-        layout = Layout(results_dir)
+        layout = run_layout(config, results_dir)  # results/ or results/<run>/
         init_path = layout.prior_checkpoint(stage_names(config), stage)
         self.models = build_models(config, stage, s, self.devices, init_path, first_image(train_ds), self.console)
         self.precision = choose_precision(s["use_amp"], s["amp_dtype"], self.devices.main, self.models.model,
@@ -265,7 +264,8 @@ class StageTrainer:
 
 
 def run_stage(config: dict, stage: str, results_dir="results", train_ds=None, val_ds=None) -> dict:
-    """Train one stage; datasets default to the prepared splits under results/data."""
+    """Train one stage; datasets default to the run's prepared splits (results/data, or a named
+    run's results/data-<key>; vaeflow.config.run_layout)."""
     created = init_from_env(config["training"]["distributed"])  # False if the caller set one up
     try:
         if train_ds is None or val_ds is None:
@@ -279,7 +279,7 @@ def run_stage(config: dict, stage: str, results_dir="results", train_ds=None, va
 def _prepared_splits(config: dict, results_dir, train_ds, val_ds):
     from vaeflow.data import PreparedDataset, check_prepared
 
-    data_dir = Layout(results_dir).data
+    data_dir = run_layout(config, results_dir).data
     check_prepared(config["data"], data_dir)
     train_ds = train_ds or PreparedDataset(data_dir, "train", binarize=config["data"]["binarize"], seed=config["seed"])
     val_ds = val_ds or PreparedDataset(data_dir, "val", binarize="none", seed=config["seed"])

@@ -118,7 +118,7 @@ class AutoencoderKL(Autoencoder):
                            latent_scale=latent_scale, latent_shift=latent_shift, act=act,
                            channels_last=channels_last)
         self.memory_format = set_memory_format(self, channels_last, spatial_dims)
-        load_weights(self, ckpt_path, convert=_maybe_from_diffusers_keys)
+        load_weights(self, ckpt_path)
 
     # -- SD-style API -------------------------------------------------------------------------
     def encode(self, x: torch.Tensor, normalize: bool = False, sample_posterior: bool = False):
@@ -168,10 +168,3 @@ class AutoencoderKL(Autoencoder):
     def last_layer_weight(self) -> torch.Tensor:
         return self.decoder.conv_out.weight
 
-
-def _maybe_from_diffusers_keys(sd):
-    """Accept a diffusers-layout state dict in `ckpt_path` too."""
-    if any(k.startswith(("encoder.down_blocks.", "decoder.up_blocks.")) for k in sd):
-        from .diffusers_keys import diffusers_to_ldm
-        return diffusers_to_ldm(sd)
-    return sd

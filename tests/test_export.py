@@ -109,17 +109,28 @@ def test_keep_scale_keeps_the_models_factor_and_fitted_needs_evaluation(tmp_path
     assert not (tmp_path / "fitted").exists()
 
 
-def test_default_config_exports_and_unexportable_shapes_say_why():
+def test_default_config_exports_exactly_and_unexportable_shapes_say_why():
+    """The default's z_channels 4 -> embed_dim 1 latent folds into diffusers' one latent width
+    exactly (post_quant_bias: false); with a bias the border would differ, and the error says so."""
+    diffusers = pytest.importorskip("diffusers")
+    from vaeflow.interop.diffusers import to_diffusers
     from vaeflow.interop.export import diffusers_class
 
     torch.manual_seed(0)
     default = cfg.load(REPO / "config" / "config.yaml")
-    model = build_model(default["model"])
+    model = build_model(default["model"]).eval()
     assert diffusers_class(model) == ("AutoencoderKL", "")
-    odd = build_model({**default["model"], "z_channels": 4})
+    theirs = to_diffusers(model).eval()
+    assert isinstance(theirs, diffusers.AutoencoderKL) and theirs.config.latent_channels == 1
+    x = torch.rand(4, 1, 16, 16) * 2 - 1
+    with torch.no_grad():
+        assert (theirs.encode(x).latent_dist.mean - model.encode(x).mean).abs().max() < 1e-5
+        assert (theirs(x, sample_posterior=False).sample - model.ae_forward(x, sample_posterior=False).recon).abs().max() < 1e-5
+    odd = build_model({**default["model"], "post_quant_bias": True})
     kind, why = diffusers_class(odd)
     assert kind is None
-    assert "z_channels 4 and embed_dim 1" in why and "model.z_channels: 1" in why and "--format vaeflow" in why
+    assert "z_channels 4 and embed_dim 1" in why and "model.post_quant_bias: false" in why
+    assert "model.z_channels: 1" in why and "--format vaeflow" in why
 
 
 @pytest.mark.slow

@@ -62,11 +62,14 @@ def _metrics(m: dict | None) -> list[str]:
         return ["No `eval/metrics.json` beside the checkpoint: not evaluated."]
     lp, fid = m.get("lpips") or {}, m.get("rfid") or {}
     nll = m.get("nll") or {}
+    def na(sec):
+        return "unavailable: " + str(sec.get("reason")).split(";")[0].split(" at /")[0]
+
     rows = ["| metric | value |", "| --- | --- |",
             f"| PSNR (dB) | {_fmt(m.get('psnr'), '.2f')} |", f"| SSIM | {_fmt(m.get('ssim'))} |",
             f"| MSE | {_fmt(m.get('mse'), '.6f')} |", f"| L1 | {_fmt(m.get('l1'), '.6f')} |",
-            f"| LPIPS ({lp.get('net', '')}) | {_fmt(lp.get('value')) if lp.get('value') is not None else 'unavailable: ' + str(lp.get('reason'))} |",
-            f"| rFID | {_fmt(fid.get('value'), '.3f') if fid.get('value') is not None else 'unavailable: ' + str(fid.get('reason'))} |"]
+            f"| LPIPS ({lp.get('net', '')}) | {_fmt(lp.get('value')) if lp.get('value') is not None else na(lp)} |",
+            f"| rFID | {_fmt(fid.get('value'), '.3f') if fid.get('value') is not None else na(fid)} |"]
     if nll.get("iw_nll_nats") is not None:
         rows.append(f"| IW-NLL (k={nll.get('iw_samples')}), nats / bpd | {nll['iw_nll_nats']:.2f} / {nll.get('iw_nll_bpd', float('nan')):.4f} |")
     cb = m.get("codebook") or {}

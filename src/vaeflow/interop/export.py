@@ -73,9 +73,10 @@ def kl_reason(model, msg: str) -> str:
         return (f"diffusers' AutoencoderKL has one latent width (its encoder ends in 2 x latent_channels, its decoder "
                 f"starts from latent_channels), but this model has z_channels {c['z_channels']} and embed_dim "
                 f"{c['embed_dim']}. Folding quant_conv into the encoder is exact, but folding post_quant_conv "
-                f"({c['embed_dim']} -> {c['z_channels']}) into the decoder's first 3x3 conv is not: at the image "
-                "borders its zero padding would see post_quant_conv's bias. The nearest exportable shape keeps the "
-                f"latent: set model.z_channels: {c['embed_dim']} (== model.embed_dim) and retrain, "
+                f"({c['embed_dim']} -> {c['z_channels']}) into the decoder's first 3x3 conv is not while it has a "
+                "bias: at the image borders the conv's zero padding would see that bias. The nearest exportable "
+                "shape keeps the latent: set model.post_quant_bias: false (the default config's choice) or "
+                f"model.z_channels: {c['embed_dim']} (== model.embed_dim) and retrain, "
                 "or export this model as it is with --format vaeflow")
     return msg
 
@@ -184,14 +185,14 @@ def _diffusers_version() -> str:
 
 
 def write_kl(model, out: Path, factors: dict) -> dict:
-    from vaeflow.interop.diffusers import config_to_diffusers
+    from vaeflow.interop.diffusers import config_to_diffusers, folded_state_dict
     from vaeflow.models.diffusers_keys import ldm_to_diffusers
 
     dcfg = {"_class_name": "AutoencoderKL", "_diffusers_version": _diffusers_version(), **config_to_diffusers(model),
             "force_upcast": True, "latents_mean": None, "latents_std": None}
     dcfg["scaling_factor"] = factors["scaling_factor"]
     dcfg["shift_factor"] = factors["shift_factor"] or None
-    _save_safetensors(ldm_to_diffusers(dict(model.state_dict())), out / DIFFUSERS_WEIGHTS, {"format": "pt"})
+    _save_safetensors(ldm_to_diffusers(folded_state_dict(model)), out / DIFFUSERS_WEIGHTS, {"format": "pt"})
     return dcfg
 
 

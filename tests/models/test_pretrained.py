@@ -76,6 +76,6 @@ def test_mismatched_shapes_list_the_keys_and_name_the_config_keys(diffusers_fold
 
 def test_hub_id_offline_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ConfigError, match=r"model.ckpt_path: 'stabilityai/sd-vae-ft-mse' is a Hugging Face Hub id, "
-                                          r"but HF_HUB_OFFLINE=1.*--local-dir DIR"):
+    with pytest.raises(ConfigError, match=r"model.ckpt_path: 'stabilityai/sd-vae-ft-mse' is no local file or folder, and as "
+                                          r"a Hugging Face Hub id it cannot be downloaded: HF_HUB_OFFLINE=1.*--local-dir DIR"):
         check_code_level(config_with({**MODEL, "ckpt_path": "stabilityai/sd-vae-ft-mse"}))

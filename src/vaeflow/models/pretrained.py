@@ -92,7 +92,8 @@ def _download(spec: str) -> Path:
     owner, name, *sub = spec.split("/")
     repo, sub = f"{owner}/{name}", "/".join(sub)
     if offline():
-        raise ConfigError(KEY, f"{spec!r} is a Hugging Face Hub id, but HF_HUB_OFFLINE=1: nothing can be downloaded. "
+        raise ConfigError(KEY, f"{spec!r} is no local file or folder, and as a Hugging Face Hub id it cannot be "
+                               "downloaded: HF_HUB_OFFLINE=1. "
                                f"Download it where there is a network (`hf download {repo} --local-dir DIR`) "
                                f"and set {KEY}: DIR{'/' + sub if sub else ''}")
     from huggingface_hub import snapshot_download
@@ -104,7 +105,7 @@ def _download(spec: str) -> Path:
     try:
         local = Path(snapshot_download(repo, allow_patterns=patterns))
     except Exception as exc:  # network, authentication, unknown repo: one line naming the key
-        raise ConfigError(KEY, f"{spec!r}: could not download from the Hugging Face Hub "
+        raise ConfigError(KEY, f"{spec!r} is no local file or folder, and as a Hub id it could not be downloaded "
                                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
     return local / sub if sub else local
 

@@ -15,7 +15,7 @@ weights and of the EMA weights. It prints, per setting (mean over `--seeds`): PS
 before the adversarial loss starts (step A), just after (step A + eval_every), the lowest
 PSNR after the start, and at the end, plus the largest logged adv_weight.
 
-    # the README's tables (2 CPU cores shared with other jobs: 44 min and 18 min, the earlier
+    # docs/benchmarks.md's tables (2 CPU cores shared with other jobs: 44 min and 18 min, the earlier
     # default recipe):
     python benchmarks/gan_stability.py --seeds 0 1
     python benchmarks/gan_stability.py --seeds 0 --only same-start d-warmup lecam --set adaptive_weight=false

@@ -1,7 +1,7 @@
 """Every Python process a pytest run starts, by kind: how many, their CPU seconds, and how many
 imported torch and torch._dynamo. Where the suite's time goes when it is CPU-bound.
 
-    python benchmarks/suite_process_census.py                 # the whole suite (README command 2's pytest part)
+    python benchmarks/suite_process_census.py                 # the whole suite (the README's test command, its pytest part)
     python benchmarks/suite_process_census.py -m "not slow"   # any pytest arguments
 
 `pytest_cpu_per_test.py` counts the children each test waits for; this counts every Python

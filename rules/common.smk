@@ -38,7 +38,7 @@ PREPARE_DOWNLOADS = VF["data"]["dataset"] == "mnist" and VF["data"].get(
 
 # Evaluation, sampling and plots of a finished stage run beside the next stage's training
 # (the critical path) on a machine with few cores: at a lower CPU priority they take the
-# cores it leaves idle instead of slowing it (README, Performance). Numbers do not change.
+# cores it leaves idle instead of slowing it (docs/internals.md, "Processes and threads"). Numbers do not change.
 BESIDE_TRAINING = "nice -n 19"
 
 # Outputs restored by `dvc pull` get DAG-ordered mtimes, so they count as current.
@@ -85,3 +85,19 @@ def all_targets():
         outs = LAYOUT.outputs(stage, SAMPLE_LABEL)
         out += outs["train"] + outs["evaluate"] + outs["sample"] + outs["curves"]
     return out + [str(p) for p in LAYOUT.summary_files()]
+
+
+def evaluate_runtime(wildcards, attempt):
+    """The evaluate rule's SLURM minutes from the test split's size: Snakemake evaluates this
+    again when the job is submitted, after prepare wrote the manifest; a retry gets more.
+    """
+    from vaeflow.trainer.slurm import evaluate_job_resources
+
+    return evaluate_job_resources(VF, DATA_FILES[0], attempt)["runtime"]
+
+
+def evaluate_gpu():
+    """`gres: gpu:1` for the evaluate rule when evaluation.device is cuda, else nothing."""
+    from vaeflow.trainer.slurm import evaluate_job_resources
+
+    return {k: v for k, v in evaluate_job_resources(VF).items() if k != "runtime"}

@@ -17,10 +17,13 @@ rule evaluate:
     conda:
         "../envs/vaeflow.yaml"
     threads: 1
-    # peak 2.8 GB at CelebA size (benchmarks/bench_eval_memory.py), plus 25 %
+    # peak 2.8 GB at CelebA size (benchmarks/bench_eval_memory.py), plus 25 %; runtime from the
+    # test split's size (read from the prepared manifest when the job is submitted), and a GPU
+    # (gres) when evaluation.device is cuda: vaeflow.trainer.slurm.evaluate_job_resources
     resources:
+        **evaluate_gpu(),
         mem_mb=3500,
-        runtime=30,
+        runtime=evaluate_runtime,
     params:
         config=CONFIG_ARGS,
         code=CODE,

@@ -1,7 +1,7 @@
 """requirements/lock.txt: exact pins with hashes that still satisfy pyproject.toml.
 
 Fails when a dependency is added to or narrowed in pyproject.toml without regenerating
-the lock (the command is in the lock's header and the README), and when a locked
+the lock (the command is in the lock's header and docs/internals.md), and when a locked
 package needs something the lock does not pin.
 """
 
@@ -53,10 +53,10 @@ def test_lock_satisfies_pyproject():
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     pins = locked()
     reqs = [Requirement(r) for r in project["dependencies"]]
-    for extra in ("test", "slurm"):
+    for extra in ("test", "slurm", "tensorboard"):
         reqs += [Requirement(r) for r in project["optional-dependencies"][extra]]
     problems = [p for r in reqs if (p := satisfied(r, pins))]
-    assert not problems, "regenerate requirements/lock.txt (README: 'The lockfile'):\n" + "\n".join(problems)
+    assert not problems, "regenerate requirements/lock.txt (docs/internals.md: 'The lockfile'):\n" + "\n".join(problems)
     assert pins["torch"][0] == "2.14.1" and pins["torchvision"][0] == "0.29.1"
 
 

@@ -46,3 +46,18 @@ def test_only_adam_kinds_are_fused():
     assert not sgd.defaults.get("fused")
     rms = build_optimizer(small_net().parameters(), {"type": "RMSprop", "lr": 0.1})
     assert not rms.defaults.get("fused")
+
+
+def test_a_step_optimizer_of_another_type_does_not_inherit_the_defaults_keys():
+    """An SGD step below AdamW defaults used to inherit AdamW's betas and die in torch."""
+    import yaml
+
+    from support import TINY
+    from vaeflow import config as cfg
+
+    raw = yaml.safe_load(TINY.read_text())
+    raw["training"]["pipeline"]["steps"][1]["optimization"] = {
+        "optimizers": {"discriminator": {"type": "SGD", "lr": 0.01}, "vae": {"type": "AdamW", "lr": 5e-4}}}
+    gan = cfg.resolve_steps(cfg.validate(raw))[1]["optimization"]["optimizers"]
+    assert gan["discriminator"] == {"type": "SGD", "lr": 0.01}
+    assert gan["vae"]["type"] == "AdamW" and gan["vae"]["lr"] == 5e-4  # same type: still merges

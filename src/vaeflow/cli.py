@@ -1,5 +1,7 @@
 """The `vaeflow` command. Stage entry points (scripts/*.py) call into it through `run`.
 
+DESCRIPTION and EPILOG are what `vaeflow --help` shows a user.
+
 Known errors (bad config, bad data, unreadable checkpoint, missing LPIPS weights)
 print one line and exit 2; nothing is written.
 """
@@ -11,7 +13,43 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
+from vaeflow import __version__
 from vaeflow.layout import DATA, EVAL_METRICS, RESULTS, SUMMARY_FILES, Layout
+
+DESCRIPTION = """\
+vaeflow trains image autoencoders (SD-style KL autoencoders, VQ tokenizers,
+beta-VAEs) in stages from one YAML config: prepare your images once, train a
+reconstruction warm-up, then a GAN stage (and more), evaluate on the test
+split, draw sample grids, export to diffusers. Snakemake (`snakemake --cores 8`)
+and DVC (`dvc repro`) run the whole pipeline through these same commands; call
+one directly to run or check a single step."""
+
+EPILOG = """\
+examples:
+  snakemake --cores 8                                  # the whole default pipeline
+  vaeflow validate --config config/image_dir.yaml      # check a config, list its stages
+  vaeflow prepare --config config/image_dir.yaml       # your images -> results/data
+  vaeflow train --config config/config.yaml --stage vae_warmup
+  vaeflow evaluate --config config/config.yaml --stage vae_gan
+  vaeflow sample --stage vae_gan --samples 16
+  vaeflow export results/vae_gan/best.pt exported/vae_gan   # diffusers folder, fitted latent scale, model card
+  vaeflow provenance results/vae_gan/best.pt
+
+docs: README.md, docs/*.md (data, evaluation, slurm)"""
+
+
+class StageArgError(ValueError):
+    """--stage names no stage of the config."""
+
+
+def _check_stage(config: dict, args) -> None:
+    """--stage must be one of the config's stages; the message lists them."""
+    from vaeflow.config import stage_names
+
+    names = stage_names(config)
+    if args.stage not in names:
+        raise StageArgError(f"--stage {args.stage!r} is not a stage of {' '.join(args.config)}; "
+                            f"its stages: {', '.join(names)}")
 
 
 # The errors a command reports in one line (exit 2) instead of a traceback, by module.
@@ -34,7 +72,7 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     imported cannot have been raised, and importing three of them (torch) just to catch it
     would add 2 s to every refused command that needs no torch."""
     loaded = [getattr(sys.modules[m], name) for m, name in _ONE_LINE_ERRORS.items() if m in sys.modules]
-    return (*loaded, FileNotFoundError)
+    return (*loaded, StageArgError, FileNotFoundError)
 
 
 def _load_config(args):
@@ -50,6 +88,8 @@ def _load_config(args):
 def cmd_validate(args) -> int:
     from vaeflow.config import logged_metrics, model_family, resolve_steps
 
+    # `validate CONFIG...` (positional) and `validate --config CONFIG...` are the same
+    args.config = [*args.config_files, *(args.config or [])] or ["config/config.yaml"]
     config = _load_config(args)
     steps = resolve_steps(config)
     print("Pipeline validation passed!\n")
@@ -95,6 +135,7 @@ def cmd_train(args) -> int:
     from vaeflow.trainer import run_stage
 
     config = _load_config(args)
+    _check_stage(config, args)
     dcfg = config["training"]["distributed"]
     if dcfg["nproc_per_node"] * dcfg["nnodes"] > 1 and "WORLD_SIZE" not in os.environ:
         # Relaunch this very command under torchrun: one process per device (trainer/launch.py).
@@ -141,6 +182,7 @@ def cmd_evaluate(args) -> int:
     from vaeflow.evaluate import evaluate_checkpoint, summary_line, write_metrics
 
     config = _load_config(args)
+    _check_stage(config, args)
     stage_index(config, args.stage)
     device = _eval_device(config)
     from vaeflow.data import check_prepared
@@ -169,6 +211,8 @@ def cmd_sample(args) -> int:
         check_square(args.samples)  # before loading anything
     if args.config:
         config = _load_config(args)
+        if args.stage is not None:
+            _check_stage(config, args)
         scfg, seed = config["sampling"], config["seed"]
     else:
         scfg, seed = schema_defaults("sampling"), schema_defaults("seed")
@@ -251,23 +295,32 @@ def cmd_provenance(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vaeflow", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="command", required=True)
+    p = argparse.ArgumentParser(prog="vaeflow", description=DESCRIPTION, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"vaeflow {__version__}",
+                   help="print vaeflow's version and exit")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def with_config(sp, required=True):
+    def with_config(sp, required=True, results=True, config=True):
         default = ["config/config.yaml"] if required else None
-        sp.add_argument("--config", nargs="+", default=default,
-                        help="config file(s); later files override earlier ones "
-                        f"(default: {default[0] if default else 'none: the schema defaults'})")
-        sp.add_argument("--results", default=RESULTS, help=f"results directory (default: {RESULTS})")
+        if config:
+            sp.add_argument("--config", nargs="+", default=default,
+                            help="config file(s); later files override earlier ones "
+                            f"(default: {default[0] if default else 'none: the schema defaults'})")
+        if results:
+            sp.add_argument("--results", default=RESULTS, help=f"results directory (default: {RESULTS})")
         return sp
 
+    stage_help = "a stage name from training.pipeline.steps (`vaeflow validate` lists them)"
     sp = sub.add_parser("validate", help="check a config and print the pipeline summary (stages, modes, optimizers)")
-    sp.add_argument("config", nargs="+")
+    sp.add_argument("config_files", nargs="*", metavar="CONFIG",
+                    help="config file(s), as with --config (the older positional form)")
+    sp.add_argument("--config", nargs="+", default=None,
+                    help="config file(s); later files override earlier ones (default: config/config.yaml)")
     sp.set_defaults(func=cmd_validate)
     with_config(sub.add_parser("prepare", help=f"raw data -> {RESULTS}/{DATA}")).set_defaults(func=cmd_prepare)
     sp = with_config(sub.add_parser("train", help="train one stage"))
-    sp.add_argument("--stage", required=True)
+    sp.add_argument("--stage", required=True, help=stage_help)
     sp.add_argument("--rdzv-endpoint", default=None, metavar="HOST:PORT",
                     help="training.distributed.nnodes > 1: the rendezvous endpoint, the same on every node "
                          "(default: $VAEFLOW_RDZV_ENDPOINT)")
@@ -275,49 +328,67 @@ def build_parser() -> argparse.ArgumentParser:
                     "(default: $VAEFLOW_RDZV_ID, else 'vaeflow')")
     sp.set_defaults(func=cmd_train)
     sp = with_config(sub.add_parser("evaluate", help="test-split metrics of one stage"))
-    sp.add_argument("--stage", required=True)
+    sp.add_argument("--stage", required=True, help=stage_help)
     sp.set_defaults(func=cmd_evaluate)
     sp = with_config(sub.add_parser("sample", help="sample grids from a trained stage"), required=False)
     sp.add_argument("--stage", default=None, help="stage (default: the most recently updated one)")
     sp.add_argument("--checkpoints-root", dest="results", default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # old name of --results
     sp.add_argument("--run-name", dest="stage", default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # old name of --stage
-    sp.add_argument("--checkpoint", choices=["best", "last", "both"], default=None)
-    sp.add_argument("--samples", type=int, default=None, help="grid size, a perfect square")
+    sp.add_argument("--checkpoint", choices=["best", "last", "both"], default=None,
+                    help="which checkpoint(s) of the stage (default: sampling.checkpoint, best)")
+    sp.add_argument("--samples", type=int, default=None, help="grid size, a perfect square (default: sampling.samples, 64)")
     sp.add_argument("--data-dir", default=None, help=f"prepared data (default: <results>/{DATA})")
     sp.set_defaults(func=cmd_sample)
-    sp = with_config(sub.add_parser("curves", help="loss-curve PNG and CSVs of one stage from its metrics.jsonl"))
-    sp.add_argument("--stage", required=True)
+    # curves reads only <results>/<stage>/metrics.jsonl: no --config
+    sp = with_config(sub.add_parser("curves", help="loss-curve PNG and CSVs of one stage from its metrics.jsonl"),
+                     config=False)
+    sp.add_argument("--stage", required=True, help="the stage whose <results>/<stage>/metrics.jsonl is plotted")
     sp.set_defaults(func=cmd_curves)
     summary_help = f"{RESULTS}/{{{','.join(SUMMARY_FILES)}}} across stages"
     with_config(sub.add_parser("summary", help=summary_help)).set_defaults(func=cmd_summary)
-    sp = with_config(sub.add_parser("dvc-yaml", help="write dvc.yaml from the config"))
-    sp.add_argument("--out", default="dvc.yaml")
+    # dvc.yaml's stages always write under results/ (vaeflow.layout): no --results here
+    sp = with_config(sub.add_parser("dvc-yaml", help="write dvc.yaml from the config"), results=False)
+    sp.add_argument("--out", default="dvc.yaml", help="file to write (default: dvc.yaml)")
     sp.add_argument("--check", action="store_true", help="exit 1 if the file differs from what would be written")
     sp.set_defaults(func=cmd_dvc_yaml)
     sp = sub.add_parser("sync-mtimes", help="after dvc pull/checkout: restore DAG-ordered mtimes so Snakemake sees outputs as current")
-    sp.add_argument("--root", default=".")
+    sp.add_argument("--root", default=".", help="the project root holding dvc.lock (default: .)")
     sp.set_defaults(func=cmd_sync_mtimes)
     for name, fmt, text in (("export", "auto", "write a stage checkpoint as a folder other code loads: diffusers "
                              "AutoencoderKL / VQModel where the family maps, else the vaeflow format (docs/export.md)"),
                             ("export-diffusers", "diffusers", "write a stage checkpoint as a diffusers AutoencoderKL / VQModel folder")):
         sp = sub.add_parser(name, help=text)
         sp.add_argument("checkpoint", help="results/<stage>/best.pt (its eval/metrics.json gives the fitted latent scale)")
-        sp.add_argument("out_dir")
+        sp.add_argument("out_dir", help="the folder to write (config.json + weights + README.md model card)")
         if name == "export":
-            sp.add_argument("--format", choices=["auto", "diffusers", "vaeflow"], default="auto")
+            sp.add_argument("--format", choices=["auto", "diffusers", "vaeflow"], default="auto",
+                            help="auto (default): diffusers where the family maps, else the vaeflow format")
         sp.add_argument("--keep-scale", action="store_true", help="keep the source model's scaling_factor / shift_factor "
                         "(a decoder-only fine-tune) instead of the one fitted on the test split")
         sp.add_argument("--push-to-hub", metavar="REPO", default=None, help="upload the folder to this Hugging Face "
                         "Hub repo (refused offline: HF_HUB_OFFLINE=1 or no network)")
         sp.set_defaults(func=cmd_export, format=fmt)
     sp = sub.add_parser("provenance", help="the code fingerprint, git commit and tool versions that made a checkpoint or metrics.json")
-    sp.add_argument("files", nargs="+")
+    sp.add_argument("files", nargs="+", metavar="FILE", help="checkpoint(s) (.pt) or eval/metrics.json file(s)")
     sp.set_defaults(func=cmd_provenance)
+    for action in sub._choices_actions:  # `vaeflow COMMAND --help` starts with what the command does
+        sub.choices[action.dest].description = sub.choices[action.dest].description or action.help
     return p
+
+
+# Commands whose result depends on the code: refused when the working directory is a checkout
+# whose code is not the code that runs (vaeflow.provenance.foreign_code).
+CHECKOUT_COMMANDS = ("validate", "prepare", "train", "evaluate", "sample", "curves", "summary", "dvc-yaml")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in CHECKOUT_COMMANDS:
+        from vaeflow.provenance import foreign_code
+
+        if (problem := foreign_code()) is not None:
+            print(f"vaeflow: error: {problem}", file=sys.stderr)
+            return 2
     try:
         return args.func(args)
     except _known_errors() as exc:

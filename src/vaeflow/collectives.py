@@ -30,7 +30,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-_state = {"device": None, "local": [], "timeout_s": None, "diagnosis": None}
+_state = {"device": None, "local": [], "timeout_s": None, "diagnosis": None, "vote": None, "voting": False}
 _observers: list[Callable] = []
 
 
@@ -44,6 +44,10 @@ class CollectiveError(RuntimeError):
 
 class RanksDisagree(CollectiveError):
     """Ranks that must agree (on the resume point, say) do not."""
+
+
+class PeerOutOfMemory(RuntimeError):
+    """Another rank ran out of memory in this batch: every rank starts the batch over together."""
 
 
 def backend_string(backend: str, cuda: bool) -> str:
@@ -158,6 +162,8 @@ def _failed(op: str, exc: BaseException) -> CollectiveError:
 
 def _run(op: str, tensors: list[torch.Tensor], fn: Callable):
     _check(op, tensors)
+    if _state["voting"]:
+        vote_oom(False)
     try:
         return fn()
     except (RuntimeError, dist.DistError) as exc:
@@ -220,3 +226,44 @@ def barrier() -> None:
 def new_group():
     """A second group over the same ranks (its own ordering of collectives). All ranks call it."""
     return dist.new_group() if active() else None
+
+
+# ------------------------------------------------------------------ out-of-memory votes
+# A rank that runs out of memory mid-batch stops issuing collectives; the others would wait
+# in theirs until the timeout. Inside `oom_votes()`, every collective is preceded by a vote
+# (a 1-element all-reduce on a gloo group of its own): a rank that caught the error casts
+# `vote_oom(True)`, which pairs with the others' next vote, so all ranks leave the batch at
+# the same collective and have issued the same ones. Outside it, nothing is voted.
+
+
+@contextlib.contextmanager
+def oom_votes(enabled: bool) -> Iterator[None]:
+    if not (enabled and active()):
+        yield
+        return
+    if _state["vote"] is None:
+        raise CollectiveMisuse("oom_votes: call collectives.init_votes() on every rank first")
+    _state["voting"] = True
+    try:
+        yield
+    finally:
+        _state["voting"] = False
+
+
+def init_votes() -> None:
+    """Create the vote group (all ranks call it, in the same order as every new_group)."""
+    if active() and _state["vote"] is None:
+        _state["vote"] = dist.new_group(backend="gloo")
+
+
+def vote_oom(failed: bool) -> None:
+    """Cast this rank's vote; raises PeerOutOfMemory when another rank failed (and this one did not)."""
+    if not active() or _state["vote"] is None:
+        return
+    flag = torch.tensor([1 if failed else 0], dtype=torch.int32)
+    try:
+        dist.all_reduce(flag, group=_state["vote"])
+    except (RuntimeError, dist.DistError) as exc:
+        raise _failed("all_reduce(out-of-memory vote)", exc) from exc
+    if int(flag) and not failed:
+        raise PeerOutOfMemory(f"{where()}: another rank ran out of memory in this batch ({int(flag)} rank(s))")

@@ -115,12 +115,17 @@ def load_yaml(path: str | Path) -> dict:
     return data
 
 
-def deep_merge(base: dict, override: dict) -> dict:
-    """Return base updated by override; nested dicts merge, everything else replaces."""
+def deep_merge(base: dict, override: dict, typed: bool = False) -> dict:
+    """Return base updated by override; nested dicts merge, everything else replaces.
+    `typed`: a mapping whose `type` differs from the base's replaces it (an SGD optimizer
+    must not inherit AdamW's betas)."""
     out = copy.deepcopy(base)
     for key, value in override.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
+        old = out.get(key)
+        if typed and isinstance(value, dict) and isinstance(old, dict) and "type" in value and value["type"] != old.get("type"):
+            out[key] = copy.deepcopy(value)
+        elif isinstance(value, dict) and isinstance(old, dict):
+            out[key] = deep_merge(old, value, typed)
         else:
             out[key] = copy.deepcopy(value)
     return out
@@ -295,10 +300,11 @@ def logged_metrics(step: dict, family: str) -> dict[str, list[str]]:
 
 
 def resolve_steps(config: dict) -> list[dict]:
-    """Each step with STEP_DEFAULTS < pipeline.defaults < step (deep merge)."""
+    """Each step with STEP_DEFAULTS < pipeline.defaults < step (deep merge; an optimizer or
+    scheduler of another `type` replaces the one below instead of merging into it)."""
     pipeline = config["training"]["pipeline"]
-    defaults = deep_merge(STEP_DEFAULTS, pipeline.get("defaults") or {})
-    return [deep_merge(defaults, step) for step in pipeline["steps"]]
+    defaults = deep_merge(STEP_DEFAULTS, pipeline.get("defaults") or {}, typed=True)
+    return [deep_merge(defaults, step, typed=True) for step in pipeline["steps"]]
 
 
 def stage_names(config: dict) -> list[str]:

@@ -5,6 +5,7 @@
       <stage>/best.pt, last.pt, metrics.jsonl                  train (published when the stage completes)
       <stage>/running/                                        train's resume state (never a declared output)
       <stage>/samples/recon|gen/<tag>-<grid>.png              train's per-epoch grids
+      <stage>/tb/events.out.tfevents.*                         train's TensorBoard events (logging.tensorboard)
       <stage>/eval/metrics.json                               evaluate
       <stage>/samples/vae_*_<label>.png, sampling_<label>.json   sample (label: best | last)
       <stage>/plots/loss_curves.png, train.csv, val.csv       curves
@@ -40,6 +41,7 @@ METRICS_LOG = "metrics.jsonl"
 TRAIN_FILES = (*(checkpoint_file(c) for c in CHECKPOINT_LABELS), METRICS_LOG)  # what a completed stage publishes
 RUNNING = "running"
 SAMPLES = "samples"
+TENSORBOARD = "tb"  # never a declared output: a live view, rewritten on resume (trainer/live_log.py)
 TRAIN_GRIDS = {"original": "recon", "nr_o": "recon", "gen": "gen"}  # per-epoch grid -> samples/ subfolder
 EVAL_METRICS = "eval/metrics.json"
 SAMPLE_FILES = {  # sampling strategy -> file name ({label}: best | last)
@@ -93,6 +95,11 @@ class StageLayout:
     @property
     def samples(self) -> Path:
         return self.dir / SAMPLES
+
+    @property
+    def tensorboard(self) -> Path:
+        """TensorBoard's run folder of this stage (logging.tensorboard)."""
+        return self.dir / TENSORBOARD
 
     def train_grid(self, tag: str, grid: str) -> Path:
         return self.samples / TRAIN_GRIDS[grid] / f"{tag}-{grid}.png"

@@ -20,6 +20,7 @@ def check_code_level(config: dict) -> None:
     index is outside its latent, or a stage's LPIPS backbone weights are missing."""
     model = check_model_fits(config)  # built on the meta device: shapes only
     _check_latent_indices(config, model)
+    _check_tensorboard(config)
     if os.environ.get("VAEFLOW_LPIPS_RANDOM_BACKBONE") == "1":
         return
     for i, step in enumerate(resolve_steps(config)):
@@ -28,6 +29,15 @@ def check_code_level(config: dict) -> None:
                 check_lpips_weights(step["lpips_net"])
             except RuntimeError as exc:
                 raise ConfigError(f"training.pipeline.steps[{i}].use_lpips", str(exc)) from None
+
+
+def _check_tensorboard(config: dict) -> None:
+    """logging.tensorboard needs the optional tensorboard package (looked up, not imported)."""
+    import importlib.util
+
+    if config["logging"]["tensorboard"] and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError("logging.tensorboard", "true, but the tensorboard package is not installed: "
+                          "pip install 'vaeflow[tensorboard]' (or set it to false)")
 
 
 def _check_latent_indices(config: dict, model) -> None:

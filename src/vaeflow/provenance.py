@@ -57,6 +57,44 @@ def code_fingerprint(root: Path = PACKAGE_DIR) -> str:
     return h.hexdigest()[:16]
 
 
+def checkout_package(root: str | Path = ".") -> Path | None:
+    """The vaeflow package of the checkout at root (<root>/src/vaeflow), or None when root is
+    not a vaeflow checkout."""
+    pkg = Path(root).resolve() / CODE_DIR
+    return pkg if (pkg / "__init__.py").is_file() else None
+
+
+def foreign_code(root: str | Path = ".") -> str | None:
+    """None when the code that runs is the checkout's at root (or root is no checkout); else
+    one line saying which code runs instead, and the fixes (docs/checkout.md).
+
+    The running package is the checkout's when it is <root>/src/vaeflow, or another copy of
+    the very same files (a non-editable install of this source): same code fingerprint. Any
+    other tree would put its fingerprint into the rules' params and into every result's
+    provenance, so an edit in this checkout would rerun nothing, and results would name code
+    that is not the code here: refused, not warned (a warning scrolls by; the fix is one line)."""
+    pkg = checkout_package(root)
+    if pkg is None or pkg == PACKAGE_DIR or code_fingerprint(pkg) == code_fingerprint():
+        return None
+    return (f"the vaeflow that runs is {PACKAGE_DIR}, not this checkout's {pkg}, and their code differs: "
+            "its code fingerprint would go into the rerun checks and every result's provenance, so an edit "
+            "here would rerun nothing. Run the stage scripts (python scripts/<command>.py runs its own "
+            "checkout's code), or `export PYTHONPATH=$PWD/src` in this shell, or `pip install --no-deps -e .` "
+            "to make this checkout the environment's vaeflow")
+
+
+def other_install_note(spec) -> str | None:
+    """A note for the Snakefile, which puts its checkout's src/ first: the environment's vaeflow
+    (`spec`, found before that) is another tree with other code, and is not what runs."""
+    if spec is None or spec.origin is None:
+        return None
+    pkg = Path(spec.origin).resolve().parent
+    if pkg == PACKAGE_DIR or code_fingerprint(pkg) == code_fingerprint():
+        return None
+    return (f"vaeflow: this checkout's code runs ({PACKAGE_DIR}), not the environment's vaeflow ({pkg}), "
+            "whose code differs (docs/checkout.md)")
+
+
 def _git(args: list[str], cwd: Path) -> str | None:
     try:
         res = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=30)

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from vaeflow import keyed
 from vaeflow.layout import SPLITS, split_file
 
 from .errors import DataError
@@ -30,7 +31,9 @@ class PreparedDataset(Dataset):
       - ``"static"``: one fixed Bernoulli(pixel) draw per item, the same on every
         read: generator seeded with ``(seed, index)``;
       - ``"dynamic"``: a fresh Bernoulli(pixel) draw every time an item is read.
-        Seeding: a ``torch.Generator`` per process, created on first use. In the
+        After ``set_epoch(*key)`` (the trainer calls it with (stage index, epoch)), item i's
+        draw is a pure function of (seed, key, i) (``vaeflow.keyed``): the same on any rank,
+        in any batch split, and after a resume, and new in every epoch. Without it: a ``torch.Generator`` per process, created on first use. In the
         main process it is seeded with ``seed``; in a DataLoader worker with
         ``(seed, worker_info.seed)``, where ``worker_info.seed`` is the
         DataLoader's per-epoch base seed + worker id, itself drawn from torch's
@@ -60,6 +63,7 @@ class PreparedDataset(Dataset):
         self._arr: np.ndarray | None = None
         self._gen: torch.Generator | None = None
         self._gen_key = None
+        self._epoch_key: tuple[int, ...] | None = None
         self._len = int(self.manifest["counts"][split])
 
     # The memmap is opened per process and never pickled.
@@ -95,6 +99,10 @@ class PreparedDataset(Dataset):
         # one numpy pass (uint -> float32 and scale); measurably faster than torch's .float().mul_()
         return torch.from_numpy(np.multiply(raw, np.float32(1.0 / self.scale), dtype=np.float32))
 
+    def set_epoch(self, *key: int) -> None:
+        """Key dynamic binarization by (seed, *key, item index) from now on."""
+        self._epoch_key = tuple(int(k) for k in key)
+
     def _dynamic_generator(self) -> torch.Generator:
         info = torch.utils.data.get_worker_info()
         key = ("main",) if info is None else ("worker", info.seed)
@@ -110,6 +118,8 @@ class PreparedDataset(Dataset):
     def _binarize(self, x: torch.Tensor, indices) -> torch.Tensor:
         if self.binarize == "none":
             return x
+        if self.binarize == "dynamic" and self._epoch_key is not None:
+            return keyed.bernoulli_rows((self.seed, *self._epoch_key), indices, x)
         if self.binarize == "dynamic":
             return torch.bernoulli(x, generator=self._dynamic_generator())
         out = torch.empty_like(x)  # static: per-item generator seeded by (seed, index)

@@ -56,6 +56,45 @@ def resolve_data_cfg(data_cfg: dict | None) -> dict:
 
 # -- splitting ---------------------------------------------------------------
 
+def split_sizes(n: int, val: float, test: float, has_fixed_test: bool) -> tuple[int, int]:
+    """Groups given to val and test out of n (the rest train): round(fraction * n), keeping
+    at least one training group."""
+    n_test = 0 if has_fixed_test else int(round(test * n))
+    n_val = int(round(val * n))
+    if n_val + n_test >= n:  # keep at least one training group
+        n_val = max(0, min(n_val, n - n_test - 1))
+        n_test = max(0, min(n_test, n - n_val - 1))
+    return n_val, n_test
+
+
+def kept_counts_at(records: list[Record], kept: dict[str, int], seed: int):
+    """A function (val, test) -> items per split that split_records would give these records
+    with those fractions, counting only the kept (not skipped) items: kept[group] items of each
+    pooled group, kept["\0fixed:<split>"] of the fixed ones. The empty-split refusal uses it to
+    give a hint that works after skipping."""
+    pool_groups: dict[str, int] = {}
+    for r in records:
+        if not r.fixed_split:
+            pool_groups.setdefault(r.group, len(pool_groups))
+    n = len(pool_groups)
+    has_fixed_test = any(r.fixed_split == "test" for r in records)
+    perm = np.random.default_rng(seed).permutation(n)
+    per_group = np.zeros(n, dtype=np.int64)
+    for g, i in pool_groups.items():
+        per_group[i] = kept.get(g, 0)
+    cum = np.concatenate([[0], np.cumsum(per_group[perm])])  # kept items of the first k groups
+    fixed = {s: kept.get(f"\0fixed:{s}", 0) for s in SPLITS}
+
+    def counts(val: float, test: float) -> dict[str, int]:
+        n_val, n_test = split_sizes(n, val, test, has_fixed_test)
+        return {"test": fixed["test"] + int(cum[n_test]),
+                "val": fixed["val"] + int(cum[n_test + n_val] - cum[n_test]),
+                "train": fixed["train"] + int(cum[n] - cum[n_test + n_val])}
+
+    counts.usable_groups = int((per_group > 0).sum())
+    return counts
+
+
 def split_records(records: list[Record], val: float, test: float, seed: int) -> dict[str, list[Record]]:
     """Deterministic group-wise split: a seeded permutation of the groups (in
     first-seen order) gives the first ``round(test*G)`` groups to test, the next
@@ -72,11 +111,7 @@ def split_records(records: list[Record], val: float, test: float, seed: int) -> 
         groups.setdefault(r.group, len(groups))
     n = len(groups)
     has_fixed_test = any(r.fixed_split == "test" for r in fixed)
-    n_test = 0 if has_fixed_test else int(round(test * n))
-    n_val = int(round(val * n))
-    if n_val + n_test >= n:  # keep at least one training group
-        n_val = max(0, min(n_val, n - n_test - 1))
-        n_test = max(0, min(n_test, n - n_val - 1))
+    n_val, n_test = split_sizes(n, val, test, has_fixed_test)
     perm = np.random.default_rng(seed).permutation(n)
     where = np.empty(n, dtype=np.int8)
     where[perm[:n_test]] = 2
@@ -168,6 +203,7 @@ def prepare_dataset(data_cfg: dict, out_dir: str | Path) -> dict:
     try:
         skipped: list[dict] = []
         n_skipped = 0
+        kept: dict[str, int] = {}  # kept items per group (kept_counts_at)
         item_shape: tuple | None = None
         first_key = None
         writers: dict[str, _SplitWriter] = {}
@@ -197,12 +233,15 @@ def prepare_dataset(data_cfg: dict, out_dir: str | Path) -> dict:
                         item = (bin_rng.random(item.shape, dtype=np.float32) < item).astype(np.float32)
                 writer.add(_quantize(item, dtype, scale))
                 kept_groups.add(rec.group)
+                gkey = f"\0fixed:{rec.fixed_split}" if rec.fixed_split else rec.group
+                kept[gkey] = kept.get(gkey, 0) + 1
             groups[split] = len(kept_groups)
         if item_shape is None:
             raise DataError(f"dataset '{cfg['dataset']}': every item was bad ({n_skipped} skipped); nothing to prepare")
         shapes = {split: writers[split].close(item_shape) for split in SPLITS}
         counts = {split: shapes[split][0] for split in SPLITS}
-        check_split_counts(counts, n_groups, cfg, skipped=n_skipped)
+        check_split_counts(counts, n_groups, cfg, skipped=n_skipped,
+                           counts_at=kept_counts_at(records, kept, cfg["split_seed"]))
 
         manifest = {
             "format": MANIFEST_FORMAT,

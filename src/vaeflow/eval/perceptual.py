@@ -8,7 +8,6 @@ from __future__ import annotations
 from importlib.metadata import version
 
 import torch
-import torch.nn.functional as F
 
 
 def lpips_scorer(net: str = "alex", device="cpu", log=print):
@@ -32,21 +31,13 @@ def lpips_scorer(net: str = "alex", device="cpu", log=print):
 
 
 def lpips_per_image(module):
-    """Wrap an LPIPS module (inputs in [-1, 1], [B, 3, H, W] -> [B, 1, 1, 1]) as per-image
-    scores of [0, 1] images. Grayscale is repeated to RGB; images smaller than 32 pixels are
-    upsampled (bilinear) to 64 so AlexNet/VGG feature maps stay non-empty; volumes are scored
-    per slice and averaged."""
+    """Wrap an LPIPS module ([B, 3, H, W] in [-1, 1] -> [B, 1, 1, 1]) as per-image scores of
+    [0, 1] images, prepared by `losses.perceptual.lpips_inputs` exactly as the training loss
+    prepares them; volumes are scored per slice and averaged."""
+    from vaeflow.losses.perceptual import lpips_inputs
 
     def score(rec: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        b = x.shape[0]
-        if x.dim() == 5:
-            d = x.shape[2]
-            return score(rec.transpose(1, 2).flatten(0, 1), x.transpose(1, 2).flatten(0, 1)).view(b, d).mean(1)
-        if x.shape[1] == 1:
-            rec, x = rec.repeat(1, 3, 1, 1), x.repeat(1, 3, 1, 1)
-        if min(x.shape[-2:]) < 32:
-            rec = F.interpolate(rec, size=(64, 64), mode="bilinear", align_corners=False)
-            x = F.interpolate(x, size=(64, 64), mode="bilinear", align_corners=False)
-        return module(rec.float() * 2 - 1, x.float() * 2 - 1).flatten(1).mean(1).double()
+        per = module(*lpips_inputs(rec, x, "unit")).flatten(1).mean(1).double()
+        return per.view(x.shape[0], -1).mean(1) if x.dim() == 5 else per
 
     return score

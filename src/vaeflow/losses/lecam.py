@@ -27,13 +27,15 @@ class LeCAM(nn.Module):
         self.register_buffer("ema_real", torch.zeros(()))
         self.register_buffer("ema_fake", torch.zeros(()))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
-        self._pending: list[torch.Tensor] = []  # [mean real, mean fake] per observed micro-batch
+        self._pending: list[torch.Tensor] = []  # [sum real, sum fake, count] per observed micro-batch
 
     def forward(self, logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
         """The penalty against the current averages (fp32); remembers the batch means for `commit`."""
         with torch.autocast(device_type=logits_real.device.type, enabled=False):  # fp32 under AMP
             real, fake = logits_real.float(), logits_fake.float()
-            self._pending.append(torch.stack([real.detach().mean(), fake.detach().mean()]))
+            # sums and counts, not means: unequal micro-batches weigh by their size
+            n = torch.tensor(float(real.numel()), device=real.device)
+            self._pending.append(torch.stack([real.detach().sum(), fake.detach().sum(), n]))  # one chunk: as many real as fake
             ema_real, ema_fake = self.ema_real.to(real.device), self.ema_fake.to(real.device)
             penalty = F.relu(real - ema_fake).pow(2).mean() + F.relu(ema_real - fake).pow(2).mean()
             return penalty * self.initialized.to(real.device)  # 0 before the first commit: no averages yet
@@ -44,7 +46,8 @@ class LeCAM(nn.Module):
         applied to [mean real, mean fake] first."""
         if not self._pending:
             return
-        means = torch.stack(self._pending).mean(0).to(self.ema_real.device)
+        total = torch.stack(self._pending).sum(0).to(self.ema_real.device)
+        means = total[:2] / total[2]
         self._pending = []
         if reduce is not None:
             means = reduce(means)
@@ -58,3 +61,10 @@ class LeCAM(nn.Module):
 
     def discard(self) -> None:
         self._pending = []
+
+    def pending_mark(self) -> int:
+        return len(self._pending)
+
+    def truncate_pending(self, mark: int) -> None:
+        """Forget what was observed since `mark` (a batch started over after out-of-memory)."""
+        del self._pending[mark:]

@@ -102,12 +102,35 @@ def load_backbone(lpips_module: nn.Module, net: str) -> tuple[Path, str]:
     return path, digest
 
 
+def lpips_inputs(recon: torch.Tensor, target: torch.Tensor, input_range: str = "signed") -> tuple[torch.Tensor, torch.Tensor]:
+    """What the LPIPS network sees, for training and evaluation alike: fp32 in [-1, 1]
+    (`input_range` "unit": the pair is in [0, 1] and mapped first), 3 channels (grayscale
+    repeated), every side >= MIN_SIZE (bilinear upsampling: the backbones' pooling needs
+    64 px; digits are 8-32), volumes as their depth slices ([B*D, C, H, W])."""
+    recon, target = recon.float(), target.float()
+    if input_range == "unit":
+        recon, target = recon * 2 - 1, target * 2 - 1
+    elif input_range != "signed":
+        raise ValueError(f"input_range must be signed or unit, got {input_range!r}")
+    if recon.dim() == 5:  # volumes: score every slice along depth
+        recon = recon.transpose(1, 2).flatten(0, 1)
+        target = target.transpose(1, 2).flatten(0, 1)
+    if recon.shape[1] == 1:
+        recon, target = recon.repeat(1, 3, 1, 1), target.repeat(1, 3, 1, 1)
+    if min(recon.shape[-2:]) < MIN_SIZE:
+        size = [max(MIN_SIZE, s) for s in recon.shape[-2:]]
+        recon = F.interpolate(recon, size=size, mode="bilinear", align_corners=False)
+        target = F.interpolate(target, size=size, mode="bilinear", align_corners=False)
+    return recon, target
+
+
 class PerceptualLoss(nn.Module):
-    """Mean LPIPS distance; inputs in [-1, 1], grayscale repeated to 3 channels.
+    """Mean LPIPS distance of a pair in the model's range (`input_range`: "signed" [-1, 1],
+    "unit" [0, 1]), prepared by `lpips_inputs` as evaluation prepares it.
 
     `backbone` records where the backbone came from: {"file", "sha256"} or "random"."""
 
-    def __init__(self, net: str = "alex", pretrained_backbone: bool = True):
+    def __init__(self, net: str = "alex", pretrained_backbone: bool = True, input_range: str = "signed"):
         super().__init__()
         if pretrained_backbone:
             check_lpips_weights(net)
@@ -115,6 +138,7 @@ class PerceptualLoss(nn.Module):
         # private API (pinned in pyproject); its public metric would download a missing backbone.
         from torchmetrics.functional.image.lpips import _NoTrainLpips
 
+        self.input_range = input_range
         self.lpips = _NoTrainLpips(net=net, pnet_rand=True)  # random backbone first: never a download
         self.backbone: dict | str = "random"
         if pretrained_backbone:
@@ -126,16 +150,4 @@ class PerceptualLoss(nn.Module):
         """fp32 whatever the autocast state: LPIPS normalizes features channel-wise and sums
         small squared differences, which fp16/bf16 round away."""
         with torch.autocast(device_type=recon.device.type, enabled=False):
-            return self._forward_fp32(recon.float(), target.float())
-
-    def _forward_fp32(self, recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        if recon.dim() == 5:  # volumes: score every slice along depth
-            recon = recon.transpose(1, 2).flatten(0, 1)
-            target = target.transpose(1, 2).flatten(0, 1)
-        if recon.shape[1] == 1:
-            recon, target = recon.repeat(1, 3, 1, 1), target.repeat(1, 3, 1, 1)
-        if min(recon.shape[-2:]) < MIN_SIZE:  # the backbones' pooling needs >= 64 px (digits are 8-32)
-            size = [max(MIN_SIZE, s) for s in recon.shape[-2:]]
-            recon = F.interpolate(recon, size=size, mode="bilinear", align_corners=False)
-            target = F.interpolate(target, size=size, mode="bilinear", align_corners=False)
-        return self.lpips(recon.float(), target.float()).mean()
+            return self.lpips(*lpips_inputs(recon, target, self.input_range)).mean()

@@ -7,12 +7,30 @@ KL and NLL summed over every non-batch dimension) so that latent shapes [B, C, H
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+
+# The trainer's source of posterior noise (vaeflow.trainer.noise): fn(shape, device, dtype)
+# -> eps. None: torch's global RNG, as any library user expects.
+_NOISE: contextvars.ContextVar[Callable | None] = contextvars.ContextVar("vaeflow_posterior_noise", default=None)
+
+
+@contextlib.contextmanager
+def posterior_noise(source: Callable | None) -> Iterator[None]:
+    """`DiagonalGaussian.sample()` without a generator draws from `source(shape, device, dtype)`."""
+    token = _NOISE.set(source)
+    try:
+        yield
+    finally:
+        _NOISE.reset(token)
 
 
 class DiagonalGaussian:
@@ -47,8 +65,12 @@ class DiagonalGaussian:
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
         if self.deterministic:
             return self.mean
-        eps = torch.randn(self.mean.shape, generator=generator, device=self.mean.device,
-                          dtype=self.mean.dtype)
+        source = _NOISE.get() if generator is None else None
+        if source is not None:
+            eps = source(self.mean.shape, self.mean.device, self.mean.dtype)
+        else:
+            eps = torch.randn(self.mean.shape, generator=generator, device=self.mean.device,
+                              dtype=self.mean.dtype)
         return self.mean + self.std * eps
 
     def mode(self) -> torch.Tensor:

@@ -73,6 +73,8 @@ class VectorQuantizer(nn.Module):
             self.embedding = nn.Embedding(self.codebook_size, self.code_dim)
             with torch.no_grad():
                 self.embedding.weight.copy_(init)
+        self.defer_ema = False
+        self._pending: list[tuple] = []  # (counts, sums, vectors) per training forward since the last update
 
     @property
     def codebook(self) -> torch.Tensor:
@@ -87,10 +89,13 @@ class VectorQuantizer(nn.Module):
         e = self.codebook.float()
         d = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ e.t() + e.pow(2).sum(1)[None]
         idx = d.argmin(1)
-        if self.training and self.ema:
-            self._ema_update(flat, idx)
-            e = self.codebook.float()
+        # z_q from the codebook the codes were chosen in: the EMA update comes after, so a code
+        # restarted in this step never hands back its new random vector (taming, Sonnet alike)
         zq_flat = F.embedding(idx, e)
+        if self.training and self.ema:
+            self._pending.append(self._stats(flat, idx))
+            if not self.defer_ema:
+                self.commit_ema()
         zq = _unflatten(zq_flat, z).to(z.dtype)
         commit = F.mse_loss(z.float(), zq.detach().float())
         loss = self.beta * commit
@@ -103,10 +108,32 @@ class VectorQuantizer(nn.Module):
         return zq, loss, info
 
     @torch.no_grad()
-    def _ema_update(self, flat: torch.Tensor, idx: torch.Tensor) -> None:
+    def _stats(self, flat: torch.Tensor, idx: torch.Tensor) -> tuple:
         onehot = F.one_hot(idx, self.codebook_size).type_as(flat)
-        counts = onehot.sum(0)
-        sums = onehot.t() @ flat
+        return onehot.sum(0), onehot.t() @ flat, flat.detach()
+
+    # The EMA codebook update of a training forward. With `defer_ema` (the trainer sets it)
+    # the statistics wait for `commit_ema()` at the optimizer step: one update per step from
+    # every micro-batch and accumulated batch of its window, dropped with `discard_ema()`
+    # when the step is skipped, and cut back with `truncate_pending()` when a batch is
+    # started over. Without it (a library user's loop), every training forward updates.
+    def pending_mark(self) -> int:
+        return len(self._pending)
+
+    def truncate_pending(self, mark: int) -> None:
+        del self._pending[mark:]
+
+    def discard_ema(self) -> None:
+        self._pending = []
+
+    @torch.no_grad()
+    def commit_ema(self) -> None:
+        if not self._pending:
+            return
+        counts = torch.stack([c for c, _, _ in self._pending]).sum(0)
+        sums = torch.stack([s for _, s, _ in self._pending]).sum(0)
+        flats = [f for _, _, f in self._pending]
+        self._pending = []
         collectives.all_reduce(counts)  # every rank's batch: the single-process update
         collectives.all_reduce(sums)
         self.cluster_size.mul_(self.decay).add_(counts, alpha=1 - self.decay)
@@ -115,16 +142,16 @@ class VectorQuantizer(nn.Module):
         smoothed = (self.cluster_size + self.eps) / (n + self.codebook_size * self.eps) * n
         self.embed.copy_(self.embed_sum / smoothed.unsqueeze(1))
         if self.dead_code_threshold > 0:
-            self._restart_dead(flat)
+            self._restart_dead(flats)
 
     @torch.no_grad()
-    def _restart_dead(self, flat: torch.Tensor) -> None:
+    def _restart_dead(self, flats: list[torch.Tensor]) -> None:
         dead = self.cluster_size < self.dead_code_threshold  # the same on every rank
         if not bool(dead.any()):
             return
-        # Candidates from the global batch (ranks hold contiguous slices, so the gathered
-        # rows are the single-process batch), drawn by rank 0 and sent to every rank.
-        flat = collectives.all_gather_cat(flat)
+        # Candidates from the window's global batches (ranks hold contiguous slices, so each
+        # gathered forward is the single-process batch), drawn by rank 0 and sent to every rank.
+        flat = torch.cat([collectives.all_gather_cat(f) for f in flats])
         pick = torch.randint(0, flat.shape[0], (self.codebook_size,), device=flat.device)
         cand = flat[pick]
         if flat.shape[0] < self.codebook_size:  # few vectors: jitter the repeats apart

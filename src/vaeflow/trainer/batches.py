@@ -40,6 +40,13 @@ class BatchFetcher:
     def __len__(self) -> int:
         return len(self.dataset)
 
+    def set_epoch(self, *key: int) -> None:
+        """Key the dataset's per-item random draws (dynamic binarization) by `key`."""
+        from vaeflow.data import PreparedDataset
+
+        if isinstance(self.dataset, PreparedDataset):
+            self.dataset.set_epoch(*key)
+
     def _resize(self, x: torch.Tensor) -> torch.Tensor:
         # Library users may hand in images of another size: resize them to data.image_size.
         spatial = tuple(x.shape[2:])
@@ -57,17 +64,18 @@ class BatchFetcher:
         return self._resize(torch.stack([_as_image(self.dataset[int(i)]) for i in indices]))
 
     def iterate(self, order: torch.Tensor, batch_size: int, start: int, stop: int, shard=None):
-        """Yield batches start..stop-1 of the given order (this rank's slice of each, with `shard`)."""
+        """Yield (indices, images) of batches start..stop-1 of the given order (this rank's
+        slice of each, with `shard`)."""
         chunks = [order[b * batch_size : (b + 1) * batch_size] for b in range(start, stop)]
         if shard is not None:
             chunks = [shard(c) for c in chunks]
         if self.workers == 0 or hasattr(self.dataset, "__getitems__"):
             for idx in chunks:
-                yield self.fetch(idx)
+                yield idx, self.fetch(idx)
             return
         loader = DataLoader(
             self.dataset, batch_sampler=[c.tolist() for c in chunks], num_workers=self.workers,
             collate_fn=lambda items: torch.stack([_as_image(i) for i in items]),
         )
-        for x in loader:
-            yield self._resize(x)
+        for idx, x in zip(chunks, loader):
+            yield idx, self._resize(x)

@@ -45,8 +45,8 @@ class Devices:
 
 def build_devices(tcfg: dict, step: dict, dist, console) -> Devices:
     device = resolve_device(tcfg["device"])
-    if dist.enabled and device.type == "cuda":
-        device = torch.device("cuda", dist.local_rank)
+    if dist.enabled and device.type == "cuda":  # % count: a node may show each rank only its own GPU
+        device = torch.device("cuda", dist.local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
     dist.set_device(device)  # collective tensors live on the training device
     # amp_dtype is set once the model exists (vaeflow.trainer.precision sizes it for use_amp: auto)
@@ -118,6 +118,29 @@ def apply_freeze(models: Models, stage: str) -> None:
             module.requires_grad_(False)
     if models.discriminator is not None and "discriminator" in models.frozen:
         models.discriminator.requires_grad_(False)
+    apply_modes(models)
+
+
+def frozen_modules(models: Models) -> list[nn.Module]:
+    """The modules of the frozen parts (the discriminator's too, when frozen)."""
+    parts = models.model.parts()
+    out = [m for name in sorted(models.frozen - {"discriminator"}) for m in parts[name]]
+    if models.discriminator is not None and "discriminator" in models.frozen:
+        out.append(models.discriminator)
+    return out
+
+
+def apply_modes(models: Models) -> None:
+    """Training mode, except frozen parts: those run in eval mode, so nothing of theirs
+    changes -- no BatchNorm statistics, no VQ codebook EMA or dead-code restart. A model
+    with no trainable parameter at all (a discriminator-only stage) runs wholly in eval."""
+    models.model.train()
+    if models.discriminator is not None:
+        models.discriminator.train()
+    for module in frozen_modules(models):
+        module.eval()
+    if not any(p.requires_grad for p in models.model.parameters()):
+        models.model.eval()
 
 
 def check_discriminator_fits(discriminator: nn.Module, image: torch.Tensor, n_layers: int) -> None:
@@ -157,7 +180,8 @@ def build_losses(step: dict, model: nn.Module, perc_device: torch.device, consol
         random_backbone = os.environ.get("VAEFLOW_LPIPS_RANDOM_BACKBONE") == "1"
         if random_backbone:
             console.line("WARNING: VAEFLOW_LPIPS_RANDOM_BACKBONE=1: LPIPS uses a RANDOM backbone (tests only)")
-        perceptual = PerceptualLoss(s["lpips_net"], pretrained_backbone=not random_backbone).to(perc_device)
+        perceptual = PerceptualLoss(s["lpips_net"], pretrained_backbone=not random_backbone,
+                                    input_range=model.input_range).to(perc_device)
     return Losses(recon, kl, adv, perceptual)
 
 

@@ -109,9 +109,12 @@ class Dist:
             )
         return indices.chunk(self.world)[self.rank]
 
-    def reducer(self, params, overlap: bool = True, bucket_mb: float = BUCKET_MB) -> GradReducer:
-        """Bucketed gradient averaging for these parameters (hooks registered once)."""
-        return GradReducer(list(params), self.grad_group, bucket_mb, overlap=overlap and self.enabled)
+    def reducer(self, params, overlap: bool = True, bucket_mb: float = BUCKET_MB, own_group: bool = False) -> GradReducer:
+        """Bucketed gradient averaging for these parameters (hooks registered once). `own_group`:
+        on a process group of its own (every rank must create its reducers in the same order),
+        so its buckets pair up whatever another reducer's do meanwhile."""
+        group = collectives.new_group() if own_group and self.enabled else self.grad_group
+        return GradReducer(list(params), group, bucket_mb, overlap=overlap and self.enabled)
 
     def average_grads(self, params) -> None:
         """Average the gradients of params over the ranks now (zero-filling missing ones)."""

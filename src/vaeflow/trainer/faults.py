@@ -9,6 +9,9 @@
     VAEFLOW_FAULT=kill@step:8:rollbacks=1      SIGKILL at step 8 once the stage has rolled back once
     VAEFLOW_FAULT=stop@step:7:rank=1           SIGSTOP on rank 1 at step 7: a hung worker, alive
     VAEFLOW_FAULT=nan@step:5:rank=1            on data-parallel rank 1 only (RANK, set by torchrun)
+    VAEFLOW_FAULT=oom@step:5:rank=1            CUDA out-of-memory on rank 1 in the first batch of step 5
+                                               (once; with training.allow_microbatching the batch is
+                                               split, on every rank, and started over; on any device)
     VAEFLOW_FAULT="nan@step:5;kill@step:9"     several faults, separated by ';'
 
 Steps count from 1 within a stage, as `global_step` in metrics.jsonl: step N is the
@@ -39,9 +42,9 @@ import torch
 from vaeflow.config import ConfigError
 
 ENV = "VAEFLOW_FAULT"
-KINDS = ("nan", "inf", "grad-nan", "kill", "stop")
+KINDS = ("nan", "inf", "grad-nan", "kill", "stop", "oom")
 _FAULT = re.compile(r"^(?P<kind>[a-z-]+)@step:(?P<steps>\d+(?:,\d+)*)(?P<opts>(?::[a-z]+(?:=[A-Za-z0-9_]*)?)*)$")
-_USAGE = ("expected KIND@step:N[,N...][:stage=NAME][:rank=R][:once|:always|:rollbacks=K] (KIND: nan, inf, grad-nan, kill, stop), "
+_USAGE = ("expected KIND@step:N[,N...][:stage=NAME][:rank=R][:once|:always|:rollbacks=K] (KIND: nan, inf, grad-nan, kill, stop, oom), "
           "';' between faults")
 
 
@@ -105,6 +108,15 @@ class FaultPlan:
             + ("" if f.when == "rollbacks=0" else f" ({f.when})")
             for f in self.faults
         ) or "nothing in this stage"
+
+    def has(self, kind: str) -> bool:
+        return any(f.kind == kind for f in self.faults)
+
+    def out_of_memory(self, state) -> None:
+        """Raise CUDA's out-of-memory error at the start of a batch of the faulted step, once
+        per batch and micro-batch count (the split that follows is the cure)."""
+        if "oom" in self._kinds(state) and state.micro == 1:
+            raise torch.cuda.OutOfMemoryError(f"VAEFLOW_FAULT: out of memory at step {state.global_step + 1}")
 
     def _kinds(self, state) -> set[str]:
         step = state.global_step + 1  # the step being attempted

@@ -11,9 +11,10 @@ once (gradient accumulation: only the last backward of a window arms).
 A parameter whose gradient is None on some ranks (unused in this rank's graph) counts as
 a zero gradient there; a presence flag per parameter travels in the same buffer, so a
 parameter unused on *every* rank keeps grad None, as in a single process. Buckets start
-in a fixed order on their own process group, so ranks whose graphs differ still pair up
-the same buckets, whatever other collectives (a quantizer's autograd all-reduce) run
-during backward.
+in a fixed order on their own process group (one group per reducer: the generator's and
+the discriminator's), so ranks whose graphs differ still pair up the same buckets,
+whatever other collectives (a quantizer's autograd all-reduce, the other reducer's
+buckets) run during backward.
 
 The adaptive GAN weight (`torch.autograd.grad`) and R1 (double backward) do not
 accumulate into `.grad`, so they do not trigger the hooks: this is why an explicit
@@ -99,6 +100,13 @@ class GradReducer:
             if item is not None:
                 collectives.wait(item[1])
         self.works = [None] * len(self.buckets)
+
+    def abort(self) -> None:
+        """Forget a backward that was started over (wait for the buckets it launched: every
+        rank launched the same ones)."""
+        self.armed = False
+        self._drain()
+        self._reset()
 
     def finish(self) -> None:
         """Average every gradient over the ranks (start what is left, wait, write back)."""

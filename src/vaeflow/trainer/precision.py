@@ -105,13 +105,14 @@ def forward_gflop_per_image(model: torch.nn.Module, sample: torch.Tensor) -> flo
 
     kinds = (torch.nn.modules.conv._ConvNd, torch.nn.Linear, AttnBlock)
     handles = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, kinds)]
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
         with torch.no_grad():
             model.ae_forward(sample[:1], sample_posterior=False)
     finally:
-        model.train(was_training)
+        for m, training in modes:
+            m.training = training
         for h in handles:
             h.remove()
     return total / 1e9

@@ -58,9 +58,12 @@ def roll_back(t, reason: str) -> None:
         stop(t, reason, last, saved)
     before = t.state
     t.state = train_state.restore(saved, t.models, t.opts, t.dist)  # weights, optimizers, RNG, data position
+    # as at resume: every rank must have read the same last.pt (a node with a stale copy would train on alone)
+    t.dist.check_agree("the rollback point (epoch, batch, step)", (t.state.epoch, t.state.batch, t.state.global_step))
     factor = g.rolled_back(t.state, before, saved["rollbacks"])
     scale_learning_rates([o for _, o in t.opts.named()], [s for _, s in t.opts.named_schedulers()], factor)
     t.files.truncate_metrics(t.state.metrics_offset, keep=t.pending_events)
+    t.live.open(t.state.global_step)  # the replayed steps log again: cut their events (trainer/live_log.py)
     lrs = ", ".join(f"{group['lr']:.3g}" for _, opt in t.opts.named() if opt for group in opt.param_groups)
     st = t.state
     event(

@@ -35,8 +35,14 @@ class RunDir:
                 ckpt.save(state, self.work(name), also=tuple(self.work(n) for n in also))
 
     def metrics_size(self) -> int:
+        """The log's size, made durable first: the checkpoint records it as the resume offset,
+        so after a crash the file must hold at least that much."""
         p = self.work(METRICS_LOG)
-        return p.stat().st_size if p.exists() else 0
+        if not p.exists():
+            return 0
+        if self.dist.main:
+            ckpt.fsync_path(p)
+        return p.stat().st_size
 
     def write_metrics(self, record: dict) -> dict | None:
         """Append a record (rank 0); returns it as written."""

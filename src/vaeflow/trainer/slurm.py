@@ -137,3 +137,59 @@ def train_job_resources(nnodes: int) -> dict:
     if nnodes <= 1:
         return {}
     return {"nodes": nnodes, "tasks": nnodes, "mpi": "srun", "tasks_per_gpu": 0}
+
+
+# -- the evaluate rule's resources ------------------------------------------------------------
+# Seconds per test image, by what dominates (docs/benchmarks.md, "Evaluation"):
+# CPU, rFID on: two InceptionV3 passes per image (the image and its reconstruction), about
+# 2 s each on one thread of the 2-core CI machine (docs/evaluation.md). CPU, everything else
+# (MSE/PSNR/SSIM/LPIPS/ELBO/IW-NLL/PCA): 725 s for CelebA's 19,962 test images at 64 px,
+# about 0.04 s an image (benchmarks/bench_eval_memory.py), taken as 0.05 and scaled with the
+# pixel count. GPU: not measured yet (no GPU run recorded); 0.02 s per rFID image and a tenth of
+# the CPU time for the rest, which leaves a GPU job a wide margin at any plausible speed.
+EVAL_S_PER_IMAGE = {"cpu": {"rfid": 4.0, "rest": 0.05}, "gpu": {"rfid": 0.02, "rest": 0.005}}
+EVAL_REFERENCE_PIXELS = 64 * 64
+EVAL_TEST_IMAGES_UNKNOWN = 20000  # before prepare has run: about CelebA's official test split (19,962)
+EVAL_MIN_RUNTIME = 15  # minutes: start-up, model build, PCA fit
+EVAL_MARGIN = 2.0  # times the estimate
+
+
+def evaluation_on_gpu(config: dict) -> bool:
+    """evaluation.device (or training.device when null) names CUDA: the job needs a GPU."""
+    device = config["evaluation"].get("device") or config["training"]["device"]
+    return device.startswith("cuda")
+
+
+def count_test_images(config: dict, manifest: str | os.PathLike | None = None) -> int:
+    """Images in the test split: the prepared manifest's count when it exists, else an estimate."""
+    import json
+
+    if manifest is not None and os.path.exists(manifest):
+        with open(manifest) as f:
+            return int(json.load(f)["counts"]["test"])
+    data = config["data"]
+    if data.get("limit"):
+        return max(1, round(data["limit"] * data["split"]["test"]))
+    return EVAL_TEST_IMAGES_UNKNOWN
+
+
+def evaluate_job_resources(config: dict, manifest: str | os.PathLike | None = None, attempt: int = 1) -> dict:
+    """Snakemake resources of one evaluate job (rules/evaluate.smk): `runtime` in minutes from
+    the test split's size (EVAL_S_PER_IMAGE, times EVAL_MARGIN, times the attempt, so a retry
+    gets more time), and `gres: gpu:1` when evaluation runs on CUDA (evaluation_on_gpu)."""
+    import math
+
+    ecfg = config["evaluation"]
+    gpu = evaluation_on_gpu(config)
+    rate = EVAL_S_PER_IMAGE["gpu" if gpu else "cpu"]
+    n = count_test_images(config, manifest)
+    size = config["data"].get("image_size") or 64
+    depth = (config["data"].get("ct") or {}).get("volume_depth", 16) if config["data"].get("spatial_dims") == 3 else 1
+    pixels = size * size * depth
+    fid = n if ecfg.get("fid_images") is None else min(n, ecfg["fid_images"])
+    seconds = n * rate["rest"] * max(1.0, pixels / EVAL_REFERENCE_PIXELS) + fid * rate["rfid"]
+    minutes = math.ceil((EVAL_MIN_RUNTIME + EVAL_MARGIN * seconds / 60) * max(1, attempt))
+    res = {"runtime": minutes}
+    if gpu:
+        res["gres"] = "gpu:1"
+    return res

@@ -19,10 +19,13 @@ from vaeflow.metrics import to_model_range
 from vaeflow.trainer import faults, recovery, rng
 from vaeflow.trainer import state as train_state
 from vaeflow.trainer.batches import BatchFetcher, batches_per_epoch, epoch_order
-from vaeflow.trainer.build import build_devices, build_losses, build_models, build_optimizers, first_image, max_epochs
+from vaeflow.trainer.build import (apply_modes, build_devices, build_losses, build_models, build_optimizers, first_image,
+                                   max_epochs)
 from vaeflow.trainer.console import Console, Meter, train_line
 from vaeflow.trainer.distributed import Dist, init_from_env
 from vaeflow.trainer.guard import Policy, StepGuard, all_finite
+from vaeflow.trainer.live_log import LiveLog
+from vaeflow.trainer.noise import SampleNoise
 from vaeflow.trainer.objective import Objective
 from vaeflow.trainer.precision import choose_precision
 from vaeflow.trainer.rundir import RunDir
@@ -66,7 +69,8 @@ class StageTrainer:
         fault_plan = faults.from_env(stage)  # None unless VAEFLOW_FAULT is set: then no code path changes
         if fault_plan is not None:
             self.console.line(f"WARNING: {faults.ENV} is set (test hook): {fault_plan.describe()}")
-        self.train_step = TrainStep(s, self.models, self.objective, self.opts, self.dist, self.console, self.guard, fault_plan)
+        self.train_step = TrainStep(s, self.models, self.objective, self.opts, self.dist, self.console, self.guard,
+                                    fault_plan, SampleNoise(self.seed, self.index))
 
         self.batch_size = self.tcfg["batch_size"]
         self.n_batches = batches_per_epoch(len(self.train_data), self.batch_size, s["max_steps"])
@@ -77,6 +81,7 @@ class StageTrainer:
             {"view": stage_view(config, stage), "init": ckpt.file_digest(init_path) if init_path else None}
         ))
         self.files = RunDir(layout.stage(stage), self.dist, self.console)
+        self.live = LiveLog.for_stage(config, layout.stage(stage), self.dist, self.opts)  # logging.tensorboard
         self.fixed_val = self.val_data.fetch(torch.arange(min(N_FIXED_SAMPLES, len(self.val_data))))
         self.fixed_noise = prior_noise(self.models.model, N_FIXED_SAMPLES, self.seed)
         self._sync_ranks()
@@ -99,18 +104,19 @@ class StageTrainer:
         st, models, dist = self.state, self.models, self.dist
         self.files.running.mkdir(parents=True, exist_ok=True)
         t_start, images_seen = time.perf_counter(), 0
-        models.model.train()
-        if models.discriminator is not None:
-            models.discriminator.train()
+        apply_modes(models)  # frozen parts in eval mode: bit-identical through the stage
         while not st.finished:
             order = epoch_order(len(self.train_data), self.seed, self.index, st.epoch)
             self.console.start_bar(self.n_batches, st.batch, f"{self.stage} epoch {st.epoch + 1}")
             meter, epoch_meter, window = Meter(), Meter(), Meter()
             t_log, imgs_log, rolled_back = time.perf_counter(), 0, False
-            for x in self.train_data.iterate(order, self.batch_size, st.batch, self.n_batches, dist.shard):
+            self.train_data.set_epoch(self.index, st.epoch)  # dynamic binarization keyed by (stage, epoch, item)
+            accum = self.train_step.accum
+            for rows, x in self.train_data.iterate(order, self.batch_size, st.batch, self.n_batches, dist.shard):
                 x = to_model_range(x, models.model).to(self.devices.main, non_blocking=True)
-                closes = (st.batch + 1) % self.train_step.accum == 0 or st.batch + 1 == self.n_batches
-                values = self.train_step(x, st, closes)  # forward + backward; the step comes at the window's end
+                closes = (st.batch + 1) % accum == 0 or st.batch + 1 == self.n_batches
+                size = min(accum, self.n_batches - st.batch // accum * accum)  # the epoch's last window may be shorter
+                values = self.train_step(x, st, closes, size, rows)  # forward + backward; the step ends the window
                 st.batch += 1
                 imgs_log, images_seen = imgs_log + x.shape[0], images_seen + x.shape[0]
                 window.add(values)
@@ -138,6 +144,7 @@ class StageTrainer:
             self.console.close_bar()
             if not rolled_back:
                 self._end_epoch(dist.mean_dict(epoch_meter.means()))
+        self.live.close()
         self.files.publish()
         return self._summary(time.perf_counter() - t_start, images_seen)
 
@@ -148,6 +155,7 @@ class StageTrainer:
         for k, v in {**train_means, **val}.items():
             st.history.setdefault(k, []).append(v)
         self._write_metrics("val", val)
+        self.live.scalars("val", val, st.global_step)
         self.console.line(f"Step {self.stage} ({self.index + 1}/{self.n_stages}) | Epoch {st.epoch + 1}/{self.max_epochs} | "
                           + " | ".join(f"{k}: {v:.5f}" for k, v in val.items()))
         for _, sch in self.opts.named_schedulers():
@@ -158,7 +166,8 @@ class StageTrainer:
         if self.tcfg["sample_every_epoch"] and self.dist.main:
             tag = f"{self.stage}_{self.index + 1:03d}_{st.epoch + 1:03d}_{self.id.fingerprint[:6]}"
             with self.dist.rank_local("rank 0's sample grids"):  # a collective in here is an error, not a hang
-                save_grids(self.models.eval_model(), self.fixed_val, self.fixed_noise, self.devices.main, self.files.layout, tag)
+                grids = save_grids(self.models.eval_model(), self.fixed_val, self.fixed_noise, self.devices.main, self.files.layout, tag)
+                self.live.grids(grids, st.global_step)
         improved = val["val_loss"] < st.best_val
         if improved:
             st.best_val = val["val_loss"]
@@ -211,6 +220,7 @@ class StageTrainer:
         saved = self.files.resume_state(self.id.fingerprint)
         st = self.state if saved is None else train_state.restore(saved, self.models, self.opts, self.dist)
         self.dist.check_agree("the resume point (epoch, batch, step)", (st.epoch, st.batch, st.global_step))
+        self.live.open(None if saved is None else st.global_step)  # a resume cuts the events after its step
         if saved is None:
             if self.guard.policy.max_rollbacks > 0:
                 self._save_last()  # the first rollback target
@@ -227,6 +237,7 @@ class StageTrainer:
                  f"Batch {st.batch}/{self.n_batches}")
         self.console.line(train_line(where, values, self.logged["train"], batch_time, imgs_per_s))
         self._write_metrics("train", values)
+        self.live.scalars("train", values, st.global_step, imgs_per_s)
 
     def _write_metrics(self, split: str, values: dict) -> None:
         st = self.state

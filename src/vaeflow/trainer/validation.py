@@ -21,11 +21,13 @@ class _EvalMode:
         self.model = model
 
     def __enter__(self):
-        self.was_training = self.model.training
+        # per module: a frozen part stays in eval mode after validation (build.apply_modes)
+        self.modes = [(m, m.training) for m in self.model.modules()]
         self.model.eval()
 
     def __exit__(self, *exc):
-        self.model.train(self.was_training)
+        for m, training in self.modes:
+            m.training = training
 
 
 @torch.no_grad()
@@ -48,8 +50,9 @@ def prior_noise(model: nn.Module, n: int, seed: int) -> torch.Tensor:
 
 @torch.no_grad()
 def save_grids(model: nn.Module, fixed_val: torch.Tensor, fixed_noise: torch.Tensor, device: torch.device,
-               layout: StageLayout, tag: str) -> None:
-    """The validation images (original), their reconstructions (nr_o) and prior samples (gen)."""
+               layout: StageLayout, tag: str) -> dict:
+    """The validation images (original), their reconstructions (nr_o) and prior samples (gen),
+    written as PNGs and returned (name -> [N, C, H, W] tiles in [0, 1])."""
     with _EvalMode(model):
         x = to_model_range(fixed_val, model).to(device)
         recon = to_unit(model.ae_forward(x, sample_posterior=False).recon.float(), model).cpu()
@@ -58,7 +61,9 @@ def save_grids(model: nn.Module, fixed_val: torch.Tensor, fixed_noise: torch.Ten
     if fixed_val.ndim == 5:  # volumes: show the middle slice of each
         mid = fixed_val.shape[2] // 2
         originals, recon, gen = fixed_val[:, :, mid], recon[:, :, mid], gen[:, :, mid]
-    for name, imgs in (("original", originals), ("nr_o", recon), ("gen", gen)):
+    grids = {"original": originals, "nr_o": recon, "gen": gen}
+    for name, imgs in grids.items():
         out = layout.train_grid(tag, name)
         out.parent.mkdir(parents=True, exist_ok=True)
         ckpt.atomic_write(out, lambda f, imgs=imgs: save_image(imgs, f, nrow=5))
+    return grids

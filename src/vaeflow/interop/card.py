@@ -110,7 +110,7 @@ def model_card(checkpoint: Path, state: dict, model, kind: str, factors: dict, m
     c = model.config.get("in_channels", data.get("channels") or 3) if isinstance(getattr(model, "config", None), dict) else 3
     h, w = (shape[-2], shape[-1]) if shape else (data.get("image_size") or 256,) * 2
     fmt = {"AutoencoderKL": "diffusers `AutoencoderKL`", "VQModel": "diffusers `VQModel`",
-           "vaeflow": "the vaeflow format (config.json + model.safetensors, vaeflow's docs/export.md)"}[kind]
+           "vaeflow": "the vaeflow format (config.json + weights.safetensors, vaeflow's docs/export.md)"}[kind]
     prov = state.get("provenance") or {}
     git = prov.get("git") or {}
     init = prov.get("init")

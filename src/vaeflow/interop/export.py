@@ -2,7 +2,7 @@
 
     autoencoder_kl  -> diffusers AutoencoderKL   (config.json + diffusion_pytorch_model.safetensors)
     vqvae           -> diffusers VQModel          (the same files; a 2D vector-quantizer model)
-    anything else   -> the vaeflow format         (config.json + model.safetensors; MAGVIT LFQ/FSQ,
+    anything else   -> the vaeflow format         (config.json + weights.safetensors; MAGVIT LFQ/FSQ,
                        cnn_vae, 3D models)        loaded by `vaeflow.models.loading.load_exported`
 
 Every folder also gets a model card (README.md: data, config, stages, test metrics and their
@@ -29,7 +29,7 @@ from vaeflow.layout import DATA, EVAL_METRICS, MANIFEST
 from vaeflow.models.pretrained import NATIVE_FORMAT, offline
 
 FORMATS = ("auto", "diffusers", "vaeflow")
-NATIVE_WEIGHTS = "model.safetensors"
+NATIVE_WEIGHTS = "weights.safetensors"
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 CARD = "README.md"
 
@@ -75,7 +75,7 @@ def kl_reason(model, msg: str) -> str:
                 f"{c['embed_dim']}. Folding quant_conv into the encoder is exact, but folding post_quant_conv "
                 f"({c['embed_dim']} -> {c['z_channels']}) into the decoder's first 3x3 conv is not while it has a "
                 "bias: at the image borders the conv's zero padding would see that bias. The nearest exportable "
-                "shape keeps the latent: set model.post_quant_bias: false (the default config's choice) or "
+                "shape keeps the latent: set model.post_quant_bias: false or "
                 f"model.z_channels: {c['embed_dim']} (== model.embed_dim) and retrain, "
                 "or export this model as it is with --format vaeflow")
     return msg
@@ -205,7 +205,7 @@ def write_vq(model, out: Path, factors: dict) -> dict:
 
 def write_native(model, model_cfg: dict, out: Path, factors: dict) -> dict:
     """The vaeflow format (docs/export.md): config.json names the model family and every constructor
-    option, the latent and its normalisation; model.safetensors holds the (EMA) weights."""
+    option, the latent and its normalisation; weights.safetensors holds the (EMA) weights."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:

@@ -24,7 +24,7 @@ def load_autoencoder(path: str | Path, use_ema: bool = True, device: str | torch
 
 
 def load_exported(folder: str | Path, device: str | torch.device = "cpu"):
-    """A `vaeflow export` folder in the vaeflow format (config.json + model.safetensors,
+    """A `vaeflow export` folder in the vaeflow format (config.json + weights.safetensors,
     docs/export.md) -> (model in eval mode, its config.json as a dict). Needs no training config:
     the folder describes itself."""
     import json

@@ -4,7 +4,7 @@
 
     a diffusers folder            config.json + diffusion_pytorch_model.safetensors (or .bin);
                                   a pipeline folder is read from its vae/ subfolder
-    a `vaeflow export` folder     config.json with "format": "vaeflow-autoencoder/1" + model.safetensors
+    a `vaeflow export` folder     config.json with "format": "vaeflow-autoencoder/1" + weights.safetensors
     a .safetensors file           diffusers or LDM/CompVis parameter names
     an LDM .ckpt / .pt / .bin     `state_dict`, `first_stage_model.` prefix and `loss.*` handled
     a vaeflow checkpoint          results/<stage>/best.pt (its EMA weights)
@@ -78,7 +78,7 @@ def _folder(path: Path, spec: str) -> Source:
     except ValueError as exc:
         raise ConfigError(KEY, f"{cfg_file}: not valid JSON ({exc})") from None
     if cfg.get("format") == NATIVE_FORMAT:
-        weights = path / cfg.get("weights", "model.safetensors")
+        weights = path / cfg.get("weights", "weights.safetensors")
         if not weights.exists():
             raise ConfigError(KEY, f"{spec!r}: {weights.name} is missing from the export folder")
         return Source(spec, "vaeflow-export", weights, cfg)

@@ -86,7 +86,9 @@ def main() -> int:
     raw["model"].update(ckpt_path=str(work / "sd-vae"), resolution=args.size)
     raw["training"].update(batch_size=args.batch, device=args.device, log_every=1, save_every=10_000,
                            sample_every_epoch=False, cpu_threads=args.threads)
-    raw["training"]["pipeline"]["defaults"]["max_steps"] = args.steps
+    raw["training"]["pipeline"]["defaults"]["max_steps"] = args.steps  # per epoch
+    for step in raw["training"]["pipeline"]["steps"]:
+        step["n_epochs"] = 1
     config = cfg.validate(raw)
     check_code_level(config)
     results = work / "results"

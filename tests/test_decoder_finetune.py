@@ -41,7 +41,9 @@ def test_decoder_finetune_keeps_the_encoder_bit_identical(tmp_path):
                         z_channels=2, embed_dim=2, norm_groups=4)
     raw["discriminator"].update(ndf=8, n_layers=1)
     raw["training"].update(batch_size=8, device="cpu", cpu_threads=1, log_every=1, save_every=2)
-    raw["training"]["pipeline"]["defaults"]["max_steps"] = 3
+    raw["training"]["pipeline"]["defaults"]["max_steps"] = 3  # per epoch
+    for step in raw["training"]["pipeline"]["steps"]:
+        step["n_epochs"] = 1
     raw["evaluation"].update(batch_size=8, iw_samples=2)
     config = tmp_path / "ft.yaml"
     config.write_text(yaml.safe_dump(raw))

@@ -190,9 +190,24 @@ def mean_differentiable(t: torch.Tensor) -> torch.Tensor:
     gradient, so a loss on the pooled value gets the gradient of the whole global batch."""
     if not active():
         return t
-    from torch.distributed.nn.functional import all_reduce as all_reduce_autograd
+    return _AllReduceSum.apply(t) / world()
 
-    return _run("all_reduce(autograd)", [t], lambda: all_reduce_autograd(t)) / world()
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks whose backward sums the gradient over ranks: both directions go through
+    `all_reduce`, so both are checked and, inside `oom_votes`, voted on."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor) -> torch.Tensor:
+        out = t.clone()
+        all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        all_reduce(grad)
+        return grad
 
 
 def broadcast(t: torch.Tensor, src: int = 0) -> None:

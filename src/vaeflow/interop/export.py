@@ -295,7 +295,8 @@ def export_checkpoint(checkpoint, out_dir, *, fmt: str = "auto", keep_scale: boo
         _install(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    fmt_name = f"diffusers {kind}" if kind != "vaeflow" else f"the vaeflow format ({why})" if cls is None else "the vaeflow format"
+    fmt_name = (f"diffusers {kind}" if kind != "vaeflow" else "the vaeflow format" if cls is not None or fmt == "vaeflow"
+                else f"the vaeflow format, not diffusers ({why.split('. ')[0]}; `vaeflow export-diffusers` says why in full)")
     log(f"wrote {out} as {fmt_name}; scaling_factor {factors['scaling_factor']:.6g}, shift_factor "
         f"{factors['shift_factor']:.6g} ({factors['how']})")
     if push:

@@ -109,21 +109,17 @@ def test_keep_scale_keeps_the_models_factor_and_fitted_needs_evaluation(tmp_path
     assert not (tmp_path / "fitted").exists()
 
 
-def test_default_config_refusal_says_why_and_its_nearest_shape_exports_exactly():
-    """The default's z_channels 4 -> embed_dim 1 latent with a biased post_quant_conv cannot fold
-    into diffusers' one latent width (the border would differ): the refusal says so and names the
-    nearest exportable shapes; the nearest, post_quant_bias: false, exports exactly."""
+def test_default_config_exports_exactly_and_with_a_bias_the_refusal_says_why():
+    """The default's z_channels 4 -> embed_dim 1 latent folds into diffusers' one latent width
+    exactly (post_quant_bias: false); with a biased post_quant_conv the border would differ, and
+    the refusal says so and names the nearest exportable shapes."""
     diffusers = pytest.importorskip("diffusers")
     from vaeflow.interop.diffusers import to_diffusers
     from vaeflow.interop.export import diffusers_class
 
     torch.manual_seed(0)
     default = cfg.load(REPO / "config" / "config.yaml")
-    kind, why = diffusers_class(build_model(default["model"]))
-    assert kind is None
-    assert "z_channels 4 and embed_dim 1" in why and "model.post_quant_bias: false" in why
-    assert "model.z_channels: 1" in why and "--format vaeflow" in why
-    model = build_model({**default["model"], "post_quant_bias": False}).eval()
+    model = build_model(default["model"]).eval()
     assert diffusers_class(model) == ("AutoencoderKL", "")
     theirs = to_diffusers(model).eval()
     assert isinstance(theirs, diffusers.AutoencoderKL) and theirs.config.latent_channels == 1
@@ -131,6 +127,10 @@ def test_default_config_refusal_says_why_and_its_nearest_shape_exports_exactly()
     with torch.no_grad():
         assert (theirs.encode(x).latent_dist.mean - model.encode(x).mean).abs().max() < 1e-5
         assert (theirs(x, sample_posterior=False).sample - model.ae_forward(x, sample_posterior=False).recon).abs().max() < 1e-5
+    kind, why = diffusers_class(build_model({**default["model"], "post_quant_bias": True}))
+    assert kind is None
+    assert "z_channels 4 and embed_dim 1" in why and "model.post_quant_bias: false" in why
+    assert "model.z_channels: 1" in why and "--format vaeflow" in why
 
 
 @pytest.mark.slow

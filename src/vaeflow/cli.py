@@ -32,7 +32,7 @@ examples:
   vaeflow train --config config/config.yaml --stage vae_warmup
   vaeflow evaluate --config config/config.yaml --stage vae_gan
   vaeflow sample --stage vae_gan --samples 16
-  vaeflow export-diffusers results/vae_gan/best.pt exported/vae_gan
+  vaeflow export results/vae_gan/best.pt exported/vae_gan   # diffusers folder, fitted latent scale, model card
   vaeflow provenance results/vae_gan/best.pt
 
 docs: README.md, docs/*.md (data, evaluation, slurm)"""
@@ -64,6 +64,7 @@ _ONE_LINE_ERRORS = {
     "vaeflow.collectives": "CollectiveError",
     "vaeflow.trainer.slurm": "LaunchError",
     "vaeflow.compare": "CompareError",
+    "vaeflow.interop.export": "ExportError",
 }
 
 
@@ -305,11 +306,10 @@ def cmd_sync_mtimes(args) -> int:
     return 0
 
 
-def cmd_export_diffusers(args) -> int:
-    from vaeflow.interop.diffusers import export_diffusers
+def cmd_export(args) -> int:
+    from vaeflow.interop.export import export_checkpoint
 
-    export_diffusers(args.checkpoint, args.out_dir)
-    print(f"wrote {args.out_dir}")
+    export_checkpoint(args.checkpoint, args.out_dir, fmt=args.format, keep_scale=args.keep_scale, push=args.push_to_hub)
     return 0
 
 
@@ -394,10 +394,20 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("sync-mtimes", help="after dvc pull/checkout: restore DAG-ordered mtimes so Snakemake sees outputs as current")
     sp.add_argument("--root", default=".", help="the project root holding dvc.lock (default: .)")
     sp.set_defaults(func=cmd_sync_mtimes)
-    sp = sub.add_parser("export-diffusers", help="write a checkpoint as a diffusers AutoencoderKL folder")
-    sp.add_argument("checkpoint", help="a vaeflow checkpoint, e.g. results/vae_gan/best.pt")
-    sp.add_argument("out_dir", help="the folder to write (config.json + weights; load with AutoencoderKL.from_pretrained)")
-    sp.set_defaults(func=cmd_export_diffusers)
+    for name, fmt, text in (("export", "auto", "write a stage checkpoint as a folder other code loads: diffusers "
+                             "AutoencoderKL / VQModel where the family maps, else the vaeflow format (docs/export.md)"),
+                            ("export-diffusers", "diffusers", "write a stage checkpoint as a diffusers AutoencoderKL / VQModel folder")):
+        sp = sub.add_parser(name, help=text)
+        sp.add_argument("checkpoint", help="results/<stage>/best.pt (its eval/metrics.json gives the fitted latent scale)")
+        sp.add_argument("out_dir", help="the folder to write (config.json + weights + README.md model card)")
+        if name == "export":
+            sp.add_argument("--format", choices=["auto", "diffusers", "vaeflow"], default="auto",
+                            help="auto (default): diffusers where the family maps, else the vaeflow format")
+        sp.add_argument("--keep-scale", action="store_true", help="keep the source model's scaling_factor / shift_factor "
+                        "(a decoder-only fine-tune) instead of the one fitted on the test split")
+        sp.add_argument("--push-to-hub", metavar="REPO", default=None, help="upload the folder to this Hugging Face "
+                        "Hub repo (refused offline: HF_HUB_OFFLINE=1 or no network)")
+        sp.set_defaults(func=cmd_export, format=fmt)
     sp = sub.add_parser("provenance", help="the code fingerprint, git commit and tool versions that made a checkpoint or metrics.json")
     sp.add_argument("files", nargs="+", metavar="FILE", help="checkpoint(s) (.pt) or eval/metrics.json file(s)")
     sp.set_defaults(func=cmd_provenance)

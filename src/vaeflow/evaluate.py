@@ -101,6 +101,8 @@ def evaluate_model(
     psnrs, ssims, lpips_vals = [], [], []
     kl_sum, is_kl = 0.0, None
     moments = M.RunningMoments()
+    latents = M.LatentMoments()  # what a latent-diffusion model would train on: its fitted scale
+    latent_gen = torch.Generator().manual_seed(seed)  # its own draws: the NLL's stay as they were
     code_counts = None
     lpips_fn, lpips_info = lpips_scorer(cfg["lpips_net"], device=device, log=log)
     rfid, rfid_info = rfid_scorer(cfg, device, test_ds[0].dim() - 1 if len(test_ds) else 2, log=log)
@@ -127,8 +129,12 @@ def evaluate_model(
         if is_kl:
             kl_sum += float(M.kl_std_normal(out.posterior.mean, out.posterior.logvar).sum())
             moments.add(out.posterior.mean)
+            eps = torch.randn(out.posterior.mean.shape, generator=latent_gen).to(device, out.posterior.mean.dtype)
+            latents.add(out.posterior.mean + out.posterior.std * eps)  # deterministic: std is 0
         else:
-            moments.add(model.encode_latent(xm))
+            z = model.encode_latent(xm)
+            moments.add(z)
+            latents.add(z)
             codes = code_indices(model, xm)
             if codes is not None:
                 idx, size = codes
@@ -172,6 +178,8 @@ def evaluate_model(
             "threshold": cfg["active_unit_threshold"],
             "statistic": "variance over test images of the " + ("posterior mean" if is_kl else "quantized latent"),
         },
+        "latent_stats": latent_stats(latents, "posterior sample (one per test image, seed %d)" % seed if is_kl and not deterministic
+                                     else "posterior mean (deterministic encoder)" if is_kl else "quantized latent"),
     }
     if not is_kl:
         res["codebook"] = (
@@ -196,6 +204,16 @@ def evaluate_model(
         res["beats_pca"] = res["mse"] < res["pca"]["mse"]
     res["seconds"] = round(time.perf_counter() - t0, 2)
     return res
+
+
+def latent_stats(latents: M.LatentMoments, statistic: str) -> dict:
+    """`latent_stats` of eval/metrics.json: per-channel and overall mean / std of the test
+    latents and the diffusion normalisation they fit (SD3 / FLUX definitions, docs/export.md):
+    `scaling_factor * (z - shift_factor)` has mean 0 and std 1 on the test split.
+    `vaeflow export` writes these factors into the exported model's config."""
+    return {**latents.result(), "split": "test", "latent": statistic,
+            "definition": "shift_factor = mean(z), scaling_factor = 1 / std(z) over every element of every test latent; "
+                          "a diffusion model trains on scaling_factor * (z - shift_factor)"}
 
 
 def test_dataset(data_dir, seed: int = 0):

@@ -338,3 +338,36 @@ def codebook_stats(counts: torch.Tensor) -> dict:
         "usage": float((counts > 0).double().mean()),
         "perplexity": float(torch.exp(-(nz * nz.log()).sum())),
     }
+
+
+class LatentMoments:
+    """Per-channel and overall mean / std of latents `[B, C, *spatial]` over a stream of batches
+    (float64 sums), and the diffusion normalisation they fit (SD3 / FLUX): a diffusion model
+    trains on `scaling_factor * (z - shift_factor)` with `shift_factor` the mean and
+    `scaling_factor` 1 / std of every latent element, so its inputs have mean 0 and std 1."""
+
+    def __init__(self):
+        self.n = 0  # elements per channel
+        self.images = 0
+        self.sum: torch.Tensor | None = None
+        self.sumsq: torch.Tensor | None = None
+
+    def add(self, z: torch.Tensor) -> None:
+        v = z.detach().double().movedim(1, 0).flatten(1).cpu()  # [C, B * spatial]
+        if self.sum is None:
+            self.sum = torch.zeros(v.shape[0], dtype=torch.float64)
+            self.sumsq = torch.zeros(v.shape[0], dtype=torch.float64)
+        self.sum += v.sum(1)
+        self.sumsq += (v * v).sum(1)
+        self.n += v.shape[1]
+        self.images += z.shape[0]
+
+    def result(self) -> dict:
+        mean_c = self.sum / self.n
+        std_c = (self.sumsq / self.n - mean_c * mean_c).clamp_min(0).sqrt()
+        mean = float(self.sum.sum() / (self.n * len(self.sum)))
+        var = float(self.sumsq.sum() / (self.n * len(self.sum))) - mean * mean
+        std = math.sqrt(max(var, 0.0))
+        return {"images": self.images, "channels_mean": [float(x) for x in mean_c],
+                "channels_std": [float(x) for x in std_c], "mean": mean, "std": std,
+                "shift_factor": mean, "scaling_factor": 1.0 / std if std > 0 else None}

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -133,8 +132,8 @@ def check_model_fits(config: dict):
     mcfg = config["model"]
     _check_options(mcfg)
     ckpt_path = mcfg.get("ckpt_path")
-    if ckpt_path and not (isinstance(ckpt_path, str) and Path(ckpt_path).is_file()):
-        raise ConfigError("model.ckpt_path", f"{ckpt_path!r}: no such file")
+    if ckpt_path is not None and not isinstance(ckpt_path, str):
+        raise ConfigError("model.ckpt_path", f"must be a path or a Hub id, got {ckpt_path!r}")
     shape = input_shape(config)
     if shape is not None:
         _check_downsampling(mcfg, shape)
@@ -151,6 +150,10 @@ def check_model_fits(config: dict):
         raise ConfigError("model", f"cannot build {mcfg.get('type')!r}: {_first_line(exc)}") from None
     if _numel(model) > MAX_ELEMENTS:
         raise ConfigError("model", f"{_numel(model):,} parameters and buffers: more than {MAX_ELEMENTS:,}; use smaller widths")
+    if ckpt_path:  # the pretrained source's shapes against the model's, before anything trains
+        from vaeflow.models.pretrained import check_source
+
+        check_source(model, ckpt_path)
     if shape is None:
         return model
     _check_resolution(mcfg, shape)

@@ -169,8 +169,10 @@ def describe(rec: dict[str, Any]) -> str:
     else:
         commit = f"{git['commit']} ({'dirty: tracked files differed from it' if git.get('dirty') else 'clean'})"
     vers = rec.get("versions") or {}
+    init = rec.get("init")
     return "\n".join([
         f"git commit:       {commit}",
         f"code fingerprint: {rec.get('code_fingerprint')} (vaeflow package source)",
         "versions:         " + ", ".join(f"{k} {v or 'not installed'}" for k, v in vers.items()),
-    ])
+    ] + ([f"started from:     {init.get('source')} ({init.get('kind')}, {init.get('file')} sha256 {init.get('sha256')})"]
+         if init else []))

@@ -80,9 +80,11 @@ def config_to_diffusers(model: AutoencoderKL) -> dict[str, Any]:
         raise ValueError("diffusers' AutoencoderKL is 2D; this model has spatial_dims=3")
     if not c["double_z"]:
         raise ValueError("diffusers' AutoencoderKL always has double_z=True")
-    if c["z_channels"] != c["embed_dim"]:
+    folded = c["z_channels"] != c["embed_dim"]
+    if folded and not foldable(model):
         raise ValueError("diffusers' AutoencoderKL needs z_channels == embed_dim "
-                         f"(got {c['z_channels']} and {c['embed_dim']})")
+                         f"(got {c['z_channels']} and {c['embed_dim']}) unless post_quant_conv has no bias "
+                         "(model.post_quant_bias: false), which lets both 1x1 latent convs fold away exactly")
     if c["tanh_out"]:
         raise ValueError("diffusers' AutoencoderKL has no tanh output")
     chans = list(model.channels)
@@ -101,8 +103,41 @@ def config_to_diffusers(model: AutoencoderKL) -> dict[str, Any]:
                 sample_size=res[0] if res[0] == res[1] else list(res),
                 scaling_factor=c["latent_scale"],
                 shift_factor=c["latent_shift"] if c["latent_shift"] else None,
-                use_quant_conv=c["use_quant_conv"], use_post_quant_conv=c["use_post_quant_conv"],
+                use_quant_conv=c["use_quant_conv"] and not folded,
+                use_post_quant_conv=c["use_post_quant_conv"] and not folded,
                 mid_block_add_attention=c["mid_attn"])
+
+
+def foldable(model: AutoencoderKL) -> bool:
+    """z_channels != embed_dim exports exactly when post_quant_conv is a bias-free 1x1 conv:
+    quant_conv (1x1) after the encoder's conv_out is one conv, and so is the decoder's conv_in
+    after a bias-free post_quant_conv, zero padding included (P @ 0 = 0). A bias would be seen
+    inside the image but not in the padding, so that fold would be wrong at the borders."""
+    c = model.config
+    return (c["use_quant_conv"] and c["use_post_quant_conv"] and c["spatial_dims"] == 2
+            and model.post_quant_conv.bias is None)
+
+
+def folded_state_dict(model: AutoencoderKL) -> dict[str, torch.Tensor]:
+    """`model`'s LDM-named weights, with quant_conv / post_quant_conv folded into the encoder's
+    conv_out and the decoder's conv_in when z_channels != embed_dim (see `foldable`); computed
+    in float64."""
+    sd = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
+    c = model.config
+    if c["z_channels"] == c["embed_dim"]:
+        return sd
+    if not foldable(model):
+        raise ValueError("cannot fold quant_conv / post_quant_conv: post_quant_conv has a bias")
+    q = sd.pop("quant_conv.weight").double()[:, :, 0, 0]  # [2e, 2z]
+    qb = sd.pop("quant_conv.bias").double()
+    w, b = sd["encoder.conv_out.weight"].double(), sd["encoder.conv_out.bias"].double()
+    dtype = sd["encoder.conv_out.weight"].dtype
+    sd["encoder.conv_out.weight"] = torch.einsum("ij,jckl->ickl", q, w).to(dtype)
+    sd["encoder.conv_out.bias"] = (q @ b + qb).to(dtype)
+    p = sd.pop("post_quant_conv.weight").double()[:, :, 0, 0]  # [z, e]
+    wd = sd["decoder.conv_in.weight"].double()  # [C, z, 3, 3]
+    sd["decoder.conv_in.weight"] = torch.einsum("ojkl,je->oekl", wd, p).to(dtype)
+    return sd
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,7 +213,7 @@ def to_diffusers(model: AutoencoderKL):
     """A diffusers.AutoencoderKL holding exactly `model`'s weights."""
     import diffusers
     dm = diffusers.AutoencoderKL(**config_to_diffusers(model))
-    sd = ldm_to_diffusers({k: v.detach() for k, v in model.state_dict().items()})
+    sd = ldm_to_diffusers(folded_state_dict(model))
     dm.load_state_dict(sd, strict=True)
     p = next(model.parameters())
     return dm.to(device=p.device, dtype=p.dtype)
@@ -203,7 +238,7 @@ def save_diffusers(model: AutoencoderKL, out_dir) -> Path:
     dcfg = {"_class_name": "AutoencoderKL", "_diffusers_version": _diffusers_version(),
             **config_to_diffusers(model), "force_upcast": True, "latents_mean": None,
             "latents_std": None}
-    sd = ldm_to_diffusers({k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()})
+    sd = {k: v.contiguous() for k, v in ldm_to_diffusers(folded_state_dict(model)).items()}
     tmp = out / "diffusion_pytorch_model.safetensors.tmp"
     save_file(sd, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, out / "diffusion_pytorch_model.safetensors")

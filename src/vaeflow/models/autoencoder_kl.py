@@ -39,6 +39,9 @@ class AutoencoderKL(Autoencoder):
         mid_attn: attention in the middle blocks; tanh_out: tanh on the output.
         spatial_dims: 2 ([B, C, H, W]) or 3 ([B, C, D, H, W]).
         use_quant_conv / use_post_quant_conv: the 1x1 latent projections (diffusers may drop them).
+        post_quant_bias: post_quant_conv has a bias. Without one, a model with z_channels !=
+            embed_dim still exports to diffusers exactly (both 1x1 convs fold into their
+            neighbours; with a bias the decoder's zero padding would differ at the borders).
         latent_scale, latent_shift: `encode(normalize=True)` returns (z - shift) * scale and
             `decode(denorm=True)` inverts it (SD: scale 0.18215, shift 0).
         act: ResBlock activation ("silu" (SD), "gelu", "mish", "relu"); heads stay SiLU.
@@ -57,7 +60,8 @@ class AutoencoderKL(Autoencoder):
                  embed_dim: int = 4, double_z: bool = True,
                  norm_groups: int | None = None, dropout: float = 0.0, mid_attn: bool = True,
                  tanh_out: bool = False, spatial_dims: int = 2, use_quant_conv: bool = True,
-                 use_post_quant_conv: bool = True, latent_scale: float = LATENT_SCALE,
+                 use_post_quant_conv: bool = True, post_quant_bias: bool = True,
+                 latent_scale: float = LATENT_SCALE,
                  latent_shift: float = 0.0, act: str = "silu", channels_last: bool = False,
                  ckpt_path: str | None = None, codebook_size: int | None = None):
         super().__init__()
@@ -101,7 +105,7 @@ class AutoencoderKL(Autoencoder):
         else:
             self.quant_conv = nn.Identity()
         if use_post_quant_conv:
-            self.post_quant_conv = conv_nd(spatial_dims, embed_dim, z_channels, 1)
+            self.post_quant_conv = conv_nd(spatial_dims, embed_dim, z_channels, 1, bias=post_quant_bias)
         elif embed_dim != z_channels:
             raise ValueError("use_post_quant_conv=False needs z_channels == embed_dim")
         else:
@@ -115,10 +119,10 @@ class AutoencoderKL(Autoencoder):
                            norm_groups=norm_groups, dropout=dropout, mid_attn=mid_attn,
                            tanh_out=tanh_out, spatial_dims=spatial_dims,
                            use_quant_conv=use_quant_conv, use_post_quant_conv=use_post_quant_conv,
-                           latent_scale=latent_scale, latent_shift=latent_shift, act=act,
+                           post_quant_bias=post_quant_bias, latent_scale=latent_scale, latent_shift=latent_shift, act=act,
                            channels_last=channels_last)
         self.memory_format = set_memory_format(self, channels_last, spatial_dims)
-        load_weights(self, ckpt_path, convert=_maybe_from_diffusers_keys)
+        load_weights(self, ckpt_path)
 
     # -- SD-style API -------------------------------------------------------------------------
     def encode(self, x: torch.Tensor, normalize: bool = False, sample_posterior: bool = False):
@@ -168,10 +172,3 @@ class AutoencoderKL(Autoencoder):
     def last_layer_weight(self) -> torch.Tensor:
         return self.decoder.conv_out.weight
 
-
-def _maybe_from_diffusers_keys(sd):
-    """Accept a diffusers-layout state dict in `ckpt_path` too."""
-    if any(k.startswith(("encoder.down_blocks.", "decoder.up_blocks.")) for k in sd):
-        from .diffusers_keys import diffusers_to_ldm
-        return diffusers_to_ldm(sd)
-    return sd

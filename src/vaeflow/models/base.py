@@ -209,26 +209,16 @@ def clean_state_dict(sd: dict[str, torch.Tensor], own_keys) -> dict[str, torch.T
     return out
 
 
-def load_weights(model: torch.nn.Module, ckpt_path: str | None, *, strict: bool = True,
-                 convert=None) -> None:
-    """Load `ckpt_path` into `model` (``weights_only=True``); warn when there is none.
-
-    `convert(state_dict) -> state_dict` may remap foreign layouts (e.g. diffusers keys).
-    """
+def load_weights(model: torch.nn.Module, ckpt_path: str | None) -> None:
+    """Load `ckpt_path` into `model` (every key and shape must match; `vaeflow.models.pretrained`
+    reads diffusers / LDM / vaeflow sources and names what differs); warn when there is none."""
     if not ckpt_path:
         warnings.warn(f"{type(model).__name__}: no ckpt_path given, the model starts from scratch "
                       "(random initialisation)", UserWarning, stacklevel=3)
         return
-    obj = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    sd = extract_state_dict(obj)
-    sd = clean_state_dict(sd, model.state_dict().keys())
-    if convert is not None:
-        sd = convert(sd)
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    if strict and (missing or unexpected):
-        raise RuntimeError(f"{type(model).__name__}: checkpoint {ckpt_path} does not match the "
-                           f"model: missing {missing[:8]} ({len(missing)}), unexpected "
-                           f"{unexpected[:8]} ({len(unexpected)})")
+    from .pretrained import load_into
+
+    load_into(model, ckpt_path)
 
 
 def set_memory_format(module: torch.nn.Module, channels_last: bool, spatial_dims: int):

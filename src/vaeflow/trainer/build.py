@@ -63,6 +63,7 @@ class Models:
     frozen: set  # part names frozen in this stage
     init_path: Path | None  # the prior artifact the model started from
     lecam: LeCAM | None = None  # the LeCAM regularizer's running averages (lambda_lecam > 0)
+    source: dict | None = None  # provenance["init"]: the pretrained weights (model.ckpt_path) the run began from
 
     def eval_model(self) -> nn.Module:
         return self.ema.model if self.ema is not None else self.model
@@ -78,12 +79,18 @@ def build_models(config: dict, stage: str, step: dict, devices: Devices, init_pa
         warnings.simplefilter("ignore")
         model = build_model(config["model"]).to(devices.main)
     prior = None
+    source = None
     if init_path is not None:
         prior = ckpt.load_vaeflow(init_path)
         model.load_state_dict(prior["ema"] if prior.get("ema") is not None else prior["model"])
+        source = (prior.get("provenance") or {}).get("init")
         console.line(f"Stage {stage} starts from {init_path} (its EMA weights)")
     elif config["model"].get("ckpt_path"):
-        console.line(f"Stage {stage} starts from model.ckpt_path {config['model']['ckpt_path']}")
+        from vaeflow.models.pretrained import record
+
+        source = record(config["model"]["ckpt_path"])
+        console.line(f"Stage {stage} starts from model.ckpt_path {config['model']['ckpt_path']} "
+                     f"({source['kind']}, sha256 {source['sha256'][:12]})")
     else:
         console.line(f"Stage {stage} starts from scratch (random initialisation)")
     decay = config["training"]["ema_decay"]
@@ -97,7 +104,7 @@ def build_models(config: dict, stage: str, step: dict, devices: Devices, init_pa
             discriminator.load_state_dict(prior["discriminator"])
         check_discriminator_fits(discriminator, example.to(devices.disc), config["discriminator"]["n_layers"])
     lecam = LeCAM().to(devices.disc) if discriminator is not None and step["lambda_lecam"] > 0 else None
-    models = Models(model, ema, discriminator, set(step["freeze"]) - set(step["unfreeze"]), init_path, lecam)
+    models = Models(model, ema, discriminator, set(step["freeze"]) - set(step["unfreeze"]), init_path, lecam, source)
     apply_freeze(models, stage)
     return models
 

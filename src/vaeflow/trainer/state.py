@@ -51,7 +51,8 @@ def checkpoint(sid: StageId, state: TrainState, models: Models, opts: Optimizers
         "stage": sid.stage,
         "stage_index": sid.index,
         "fingerprint": sid.fingerprint,
-        "provenance": provenance.record(),  # code, commit, tool versions
+        # code, commit, tool versions; "init": the pretrained source (model.ckpt_path) and its sha256
+        "provenance": {**provenance.record(), **({"init": models.source} if models.source else {})},
         "model": models.model.state_dict(),
         "ema": ema.state_dict()["weights"] if ema is not None else None,
         "ema_state": {"num_updates": ema.num_updates} if ema is not None else None,

@@ -22,7 +22,7 @@ from pathlib import Path
 from vaeflow.checkpoint import atomic_write
 from vaeflow.config import ConfigError, load_yaml, stage_names
 from vaeflow.layout import DEFAULT_RUN, EVAL_METRICS, RESULTS, Layout, StageLayout, reserved_run_name
-from vaeflow.report import Table, _cell, _get, read_metrics_jsonl, to_markdown
+from vaeflow.report import Table, _cell, _get, finish_panels, read_metrics_jsonl, to_markdown
 
 # (metrics.json key, column, better): the columns a comparison shows when any run has them.
 METRICS = [
@@ -236,17 +236,8 @@ def plot_val_curves(runs: list[RunRecord], out: str | Path) -> Path:
     for ax, key in zip(axes.flat, panels):
         for name, pts in series[key]:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", ms=3, lw=1.2, label=name)
-        ax.set_title(f"{key[0]}: {key[1]}", fontsize=10)
-        ax.set_xlabel("optimizer step", fontsize=8)
-        ax.tick_params(labelsize=7)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(panels):]:
-        ax.axis("off")
-    if not panels:
-        axes.flat[0].text(0.5, 0.5, "no validation records", ha="center", va="center")
-    fig.suptitle("Validation losses by run", fontsize=11)
-    fig.tight_layout()
+    finish_panels(fig, axes, [f"{stage}: {col}" for stage, col in panels], "no validation records",
+                  "Validation losses by run")
     atomic_write(out, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
     return Path(out)

@@ -114,17 +114,7 @@ def plot_loss_curves(table: Table, out: str | Path, title: str = "") -> Path:
             vals += y
         if vals and all(v > 0 for v in vals) and max(vals) / max(min(vals), 1e-300) > 10:
             ax.set_yscale("log")
-        ax.set_title(tc or vc, fontsize=10)
-        ax.set_xlabel("optimizer step", fontsize=8)
-        ax.tick_params(labelsize=7)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(panels):]:
-        ax.axis("off")
-    if not panels:
-        axes.flat[0].text(0.5, 0.5, "no metrics logged", ha="center", va="center")
-    fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
+    finish_panels(fig, axes, [tc or vc for tc, vc in panels], "no metrics logged", title)
     out = Path(out)
     atomic_write(out, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
@@ -264,3 +254,20 @@ def iter_stage_metrics(results: str | Path, stages: Iterable[str]) -> dict[str, 
         if p.exists():
             out[s] = json.loads(p.read_text())
     return out
+
+
+def finish_panels(fig, axes, titles: list[str], empty: str, title: str) -> None:
+    """The curve figures' common look: each panel titled, labelled and with its legend, spare
+    axes blank (`empty` in the first when there is no panel), the figure's title."""
+    for ax, name in zip(axes.flat, titles):
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("optimizer step", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(titles):]:
+        ax.axis("off")
+    if not titles:
+        axes.flat[0].text(0.5, 0.5, empty, ha="center", va="center")
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()

@@ -9,7 +9,7 @@ images, however the batches were split (tests/invariants/).
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -151,7 +151,7 @@ class TrainStep:
 
     def _noise(self, state: TrainState, rows):
         if self.noise is None or rows is None:
-            return _nothing()
+            return nullcontext()
         return self.noise.for_rows(state.epoch, rows)
 
     def _checked(self, loss: torch.Tensor, state: TrainState) -> torch.Tensor:
@@ -243,8 +243,3 @@ class TrainStep:
             collectives.all_reduce(t)
             t = t / collectives.world()
         return t
-
-
-@contextmanager
-def _nothing():
-    yield
